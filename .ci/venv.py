@@ -44,7 +44,8 @@ def main() -> int:
             _run(sys.executable, "-m", "venv", str(venv))
         except subprocess.CalledProcessError:
             _run(sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv))
-    if subprocess.run([str(python), "-m", "pip", "--version"], capture_output=True).returncode:
+    probe = [str(python), "-m", "pip", "--version"]
+    if subprocess.run(probe, check=False, capture_output=True).returncode:
         _bootstrap_pip(python)
     spec = f".[{extras}]" if extras else "."
     _run(str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", spec)

@@ -7,7 +7,14 @@ from typing import Any, Literal
 import msgspec
 
 Kind = Literal["tags", "disks", "network", "scheduled_events", "compute", "loadbalancer"]
-KINDS: tuple[Kind, ...] = ("tags", "disks", "network", "scheduled_events", "compute", "loadbalancer")
+KINDS: tuple[Kind, ...] = (
+    "tags",
+    "disks",
+    "network",
+    "scheduled_events",
+    "compute",
+    "loadbalancer",
+)
 
 
 class Change(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -75,7 +82,8 @@ def encode_line(frame: Frame) -> bytes:
 
 def decode_frame(line: bytes) -> Frame:
     """Decode one NDJSON line into a frame; raises ``msgspec.ValidationError``/``DecodeError``."""
-    return _frame_decoder.decode(line)
+    frame: Frame = _frame_decoder.decode(line)
+    return frame
 
 
 def only_kinds(frame: ChangeFrame, kinds: frozenset[str] | None) -> ChangeFrame | None:

@@ -1,0 +1,666 @@
+"""The one trio <-> h11 adapter, shared by the emulator, the socket server and the IMDS client.
+
+Server side: :func:`serve_connection` runs HTTP/1.1 on one accepted stream (keep-alive,
+pipelining, idle and per-request deadlines, header and body limits) and calls a handler with a
+:class:`Request` and a :class:`Responder`. :class:`HttpServer` accepts on listeners and caps the
+number of connections. Client side: :class:`ClientConnection` sends requests on one keep-alive
+connection. trio and h11 errors are mapped to :class:`HttpIOError` subclasses at this boundary;
+a peer resetting the connection never escapes a connection's task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import select
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import h11
+import structlog
+import trio
+
+from imdsd import __version__
+
+log = structlog.get_logger("imdsd.httpio")
+
+Headers = list[tuple[bytes, bytes]]
+RECV_SIZE = 65536
+
+
+class HttpIOError(Exception):
+    """Base of every error this adapter raises."""
+
+
+class PeerClosed(HttpIOError):
+    """The peer closed or reset the connection."""
+
+
+class ProtocolViolation(HttpIOError):
+    """The peer broke HTTP/1.1; ``status`` is the response a server should give."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Deadline(HttpIOError):
+    """An operation did not finish within its deadline."""
+
+
+class BodyTooLarge(HttpIOError):
+    """A message body exceeded the configured limit."""
+
+
+class ConnectFailed(HttpIOError):
+    """A connection could not be opened (refused, unreachable, timed out)."""
+
+
+class Request:
+    """One HTTP request as the server received it (body read in full)."""
+
+    __slots__ = ("_query", "body", "headers", "method", "path", "raw_query", "target")
+
+    def __init__(self, method: str, target: str, headers: Headers, body: bytes) -> None:
+        self.method = method
+        self.target = target
+        path, _, self.raw_query = target.partition("?")
+        self.path = unquote(path)
+        self.headers = headers
+        self.body = body
+        self._query: list[tuple[str, str]] | None = None
+
+    @property
+    def query(self) -> list[tuple[str, str]]:
+        """Query parameters in order, duplicates kept, percent-decoded."""
+        if self._query is None:
+            self._query = parse_qsl(self.raw_query, keep_blank_values=True)
+        return self._query
+
+    def query_value(self, name: str) -> str | None:
+        """The first value of query parameter ``name``, or None."""
+        for key, value in self.query:
+            if key == name:
+                return value
+        return None
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None
+
+
+class Response:
+    """One HTTP response as the client received it."""
+
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None
+
+
+class _Wire:
+    """An h11 connection bound to a trio stream: send, receive events, close."""
+
+    def __init__(self, stream: trio.abc.Stream, role: Any, max_head: int) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(role, max_incomplete_event_size=max_head)
+
+    async def send(self, event: h11.Event) -> None:
+        """Send one event; on any failure h11 learns the connection is unusable."""
+        try:
+            data = self.conn.send(event)
+        except h11.LocalProtocolError as exc:
+            self.conn.send_failed()
+            raise ProtocolViolation(f"local protocol error: {exc}", 500) from exc
+        if data:
+            await self.send_bytes(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write raw bytes produced by h11."""
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.conn.send_failed()
+            raise PeerClosed(str(exc) or type(exc).__name__) from exc
+
+    async def receive_into_h11(self) -> None:
+        """Read once from the stream and feed h11 (b"" on EOF or reset)."""
+        try:
+            data = bytes(await self.stream.receive_some(RECV_SIZE))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        try:
+            self.conn.receive_data(data)
+        except RuntimeError as exc:  # data after EOF was already signalled
+            raise PeerClosed(str(exc)) from exc
+
+    async def next_event(self) -> Any:
+        """The next h11 event, reading from the stream as needed."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ProtocolViolation(str(exc), exc.error_status_hint) from exc
+            if event is h11.NEED_DATA:
+                await self.receive_into_h11()
+                continue
+            return event
+
+    def has_buffered_data(self) -> bool:
+        """True when bytes of a next message are already buffered (pipelining)."""
+        data, closed = self.conn.trailing_data
+        return bool(data) or closed
+
+    async def read_body(self, limit: int) -> bytes:
+        """Read Data events until EndOfMessage; more than ``limit`` bytes is BodyTooLarge."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise BodyTooLarge(f"body larger than {limit} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise PeerClosed("connection closed in the middle of a body")
+            else:
+                raise ProtocolViolation(f"unexpected {type(event).__name__} in a body")
+
+    async def close(self, drain_timeout: float) -> None:
+        """Half-close, read briefly until the peer closes, then close for good."""
+        sock_stream = self.stream
+        try:
+            if isinstance(sock_stream, trio.SocketStream):
+                try:
+                    sock_stream.socket.shutdown(socket.SHUT_WR)
+                except OSError:
+                    return
+                with trio.move_on_after(drain_timeout):
+                    while await sock_stream.receive_some(RECV_SIZE):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(sock_stream)
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (empty when unknown)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def http_date() -> bytes:
+    """The current date in IMF-fixdate form, computed at most once a second."""
+    global _date_cache  # noqa: PLW0603 - a one-entry cache on a hot path
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date_cache[1]
+
+
+class Responder:
+    """Sends the response to one request: in full with :meth:`send`, or streamed."""
+
+    def __init__(self, wire: _Wire, server_header: bytes) -> None:
+        self._wire = wire
+        self._server = server_header
+        self.started = False
+        self.close_after = False
+
+    def _head(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> h11.Response:
+        full = [(b"server", self._server), (b"date", http_date()), *headers]
+        if self.close_after:
+            full.append((b"connection", b"close"))
+        return h11.Response(status_code=status, headers=full, reason=_reason(status))
+
+    async def send(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes = b""
+    ) -> None:
+        """Send a complete response with a Content-Length."""
+        self.started = True
+        head = self._head(status, [*headers, (b"content-length", str(len(body)).encode())])
+        conn = self._wire.conn
+        try:
+            data = conn.send(head) or b""
+            if body:
+                data += conn.send(h11.Data(data=body)) or b""
+            data += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError as exc:
+            conn.send_failed()
+            raise ProtocolViolation(f"local protocol error: {exc}", 500) from exc
+        await self._wire.send_bytes(data)
+
+    async def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """Start a streamed (chunked) response; follow with :meth:`write` and :meth:`end`."""
+        self.started = True
+        await self._wire.send(self._head(status, [*headers, (b"transfer-encoding", b"chunked")]))
+
+    async def write(self, data: bytes) -> None:
+        """Send one chunk of a streamed response."""
+        if data:
+            await self._wire.send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        """Finish a streamed response."""
+        await self._wire.send(h11.EndOfMessage())
+
+    async def wait_peer_closed(self, max_buffered: int = 65536) -> None:
+        """Return once the peer has closed (or flooded us); for long streamed responses.
+
+        Call it from a separate task while streaming: nothing else reads the connection then.
+        Pipelined bytes are kept for h11 up to ``max_buffered``.
+        """
+        wire = self._wire
+        while True:
+            try:
+                data = bytes(await wire.stream.receive_some(RECV_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            if not data:
+                return
+            try:
+                wire.conn.receive_data(data)
+            except RuntimeError:
+                return
+            if len(wire.conn.trailing_data[0]) > max_buffered:
+                return
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+class ServerLimits:
+    """Limits that protect a server from one misbehaving client."""
+
+    __slots__ = ("drain_timeout", "idle_timeout", "max_body", "max_head", "request_timeout")
+
+    def __init__(
+        self,
+        *,
+        max_head: int = 16384,
+        max_body: int = 65536,
+        idle_timeout: float = 75.0,
+        request_timeout: float = 10.0,
+        drain_timeout: float = 2.0,
+    ) -> None:
+        self.max_head = max_head
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.drain_timeout = drain_timeout
+
+
+def json_error(message: str) -> bytes:
+    """The JSON error body ``{"error": message}``."""
+    import msgspec
+
+    return msgspec.json.encode({"error": message})
+
+
+_STATUS_FOR: dict[type[HttpIOError], int] = {BodyTooLarge: 413, Deadline: 408}
+
+
+async def _send_error(wire: _Wire, responder: Responder, status: int, message: str) -> None:
+    """Send an error response if our state still allows one; never raises."""
+    if wire.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or responder.started:
+        return
+    responder.close_after = True
+    with contextlib.suppress(HttpIOError):
+        await responder.send(status, [(b"content-type", b"application/json")], json_error(message))
+
+
+async def _read_request(wire: _Wire, limits: ServerLimits) -> Request | None:
+    """Wait (idle deadline) for the next request, then read it in full (request deadline)."""
+    if not wire.has_buffered_data():
+        with trio.move_on_after(limits.idle_timeout) as idle:
+            await wire.receive_into_h11()
+        if idle.cancelled_caught:
+            return None
+    try:
+        with trio.fail_after(limits.request_timeout):
+            event = await wire.next_event()
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if not isinstance(event, h11.Request):
+                raise ProtocolViolation(f"expected a request, got {type(event).__name__}")
+            head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if head_size > limits.max_head:
+                raise ProtocolViolation("request header fields too large", 431)
+            body = await wire.read_body(limits.max_body)
+    except trio.TooSlowError as exc:
+        raise Deadline("request not received in time") from exc
+    return Request(
+        event.method.decode("ascii", "replace"),
+        event.target.decode("ascii", "replace"),
+        list(event.headers),
+        body,
+    )
+
+
+async def serve_connection(
+    stream: trio.abc.Stream,
+    handler: Handler,
+    limits: ServerLimits,
+    *,
+    server_header: bytes = b"imdsd/" + __version__.encode(),
+    reject_status: int | None = None,
+) -> None:
+    """Serve HTTP/1.1 on one stream until the peer leaves; never raises (but Cancelled).
+
+    With ``reject_status`` every request is answered with that status and the connection is
+    closed (used for connections beyond ``max_connections``).
+    """
+    wire = _Wire(stream, h11.SERVER, limits.max_head)
+    try:
+        while True:
+            responder = Responder(wire, server_header)
+            try:
+                request = await _read_request(wire, limits)
+                if request is None:
+                    break
+                if reject_status is not None:
+                    await _send_error(wire, responder, reject_status, "too many connections")
+                    break
+                await handler(request, responder)
+            except PeerClosed:
+                break
+            except HttpIOError as exc:
+                status = getattr(exc, "status", None) or _STATUS_FOR.get(type(exc), 400)
+                await _send_error(wire, responder, status, str(exc))
+                break
+            except Exception:
+                log.exception("request handler failed")
+                await _send_error(wire, responder, 500, "internal error")
+                break
+            if wire.conn.our_state is h11.MUST_CLOSE or responder.close_after:
+                break
+            try:
+                wire.conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                # the handler did not read or answer the request completely
+                break
+    finally:
+        with trio.CancelScope(shield=True):
+            await wire.close(limits.drain_timeout)
+
+
+class HttpServer:
+    """Accepts connections on listeners and serves each with :func:`serve_connection`.
+
+    Beyond ``max_connections`` open connections, new ones get ``503`` and are closed.
+    ``active`` counts the connections currently open.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits | None = None,
+        *,
+        max_connections: int = 2048,
+        server_header: bytes = b"imdsd/" + __version__.encode(),
+    ) -> None:
+        self.handler = handler
+        self.limits = limits or ServerLimits()
+        self.max_connections = max_connections
+        self.server_header = server_header
+        self.active = 0
+        self.accepted = 0
+        self.rejected = 0
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted stream (also usable directly in tests)."""
+        self.active += 1
+        self.accepted += 1
+        reject = 503 if self.active > self.max_connections else None
+        if reject:
+            self.rejected += 1
+        try:
+            await serve_connection(
+                stream,
+                self.handler,
+                self.limits,
+                server_header=self.server_header,
+                reject_status=reject,
+            )
+        finally:
+            self.active -= 1
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on every listener until cancelled, then close them; ``started`` once accepting.
+
+        Open connections are served until they end or the caller's scope is cancelled.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                task_status.started()
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    log.warning("accept failed, pausing", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self.handle, stream)
+
+
+def unix_listener(
+    path: str, mode: int | None = None, *, backlog: int = 1024
+) -> trio.SocketListener:
+    """Bind a unix stream socket at ``path`` (removing a stale socket file) and listen."""
+    import os
+    import stat
+
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if mode is not None:
+            os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def listener_from_socket(sock: socket.socket) -> trio.SocketListener:
+    """Wrap an already listening stdlib socket (e.g. inherited from systemd)."""
+    sock.setblocking(False)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+async def open_tcp(host: str, port: int, timeout: float) -> trio.SocketStream:
+    """Open a TCP connection within ``timeout`` seconds; failures are ConnectFailed."""
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError as exc:
+        raise ConnectFailed(f"connect to {host}:{port} timed out after {timeout:g}s") from exc
+    except OSError as exc:
+        raise ConnectFailed(f"connect to {host}:{port} failed: {exc}") from exc
+
+
+async def open_unix(path: str, timeout: float) -> trio.SocketStream:
+    """Open a unix socket connection within ``timeout`` seconds; failures are ConnectFailed."""
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_unix_socket(path)
+    except trio.TooSlowError as exc:
+        raise ConnectFailed(f"connect to {path} timed out after {timeout:g}s") from exc
+    except OSError as exc:
+        raise ConnectFailed(f"connect to {path} failed: {exc}") from exc
+
+
+class ClientConnection:
+    """One keep-alive HTTP/1.1 client connection; create a new one when not reusable."""
+
+    def __init__(self, stream: trio.abc.Stream, *, max_body: int = 1 << 20) -> None:
+        self._wire = _Wire(stream, h11.CLIENT, 65536)
+        self.max_body = max_body
+
+    @property
+    def reusable(self) -> bool:
+        """True when another request may be sent on this connection."""
+        conn = self._wire.conn
+        return conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and not self._eof()
+
+    def _eof(self) -> bool:
+        """True when the idle peer has closed (or sent something unexpected)."""
+        stream = self._wire.stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        try:
+            readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes = b"",
+        *,
+        timeout: float = math.inf,
+    ) -> Response:
+        """Send one request and read the whole response within ``timeout`` seconds.
+
+        Raises PeerClosed, ProtocolViolation, Deadline or BodyTooLarge; after any of them the
+        connection is not reusable.
+        """
+        wire = self._wire
+        all_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        if body or method in ("POST", "PUT", "PATCH"):
+            all_headers.append((b"content-length", str(len(body)).encode()))
+        try:
+            with trio.fail_after(timeout):
+                await wire.send(h11.Request(method=method, target=target, headers=all_headers))
+                if body:
+                    await wire.send(h11.Data(data=body))
+                await wire.send(h11.EndOfMessage())
+                while True:
+                    event = await wire.next_event()
+                    if isinstance(event, h11.ConnectionClosed):
+                        raise PeerClosed("server closed the connection before answering")
+                    if isinstance(event, h11.Response):
+                        break
+                resp_body = await wire.read_body(self.max_body)
+        except trio.TooSlowError as exc:
+            await self.aclose()
+            raise Deadline(f"no complete answer within {timeout:g}s") from exc
+        except HttpIOError:
+            await self.aclose()
+            raise
+        if wire.conn.our_state is h11.DONE and wire.conn.their_state is h11.DONE:
+            wire.conn.start_next_cycle()
+        return Response(
+            event.status_code,
+            event.reason.decode("latin-1"),
+            list(event.headers),
+            resp_body,
+        )
+
+    async def stream_lines(
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        *,
+        head_timeout: float = 10.0,
+        max_line: int = 1 << 20,
+    ) -> tuple[Response, Callable[[], Awaitable[bytes | None]]]:
+        """Send a request whose answer is a line stream; returns the head and a line reader.
+
+        The reader returns each complete line (without the newline) and None at the end.
+        """
+        wire = self._wire
+        all_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        try:
+            with trio.fail_after(head_timeout):
+                await wire.send(h11.Request(method=method, target=target, headers=all_headers))
+                await wire.send(h11.EndOfMessage())
+                event = await wire.next_event()
+        except trio.TooSlowError as exc:
+            await self.aclose()
+            raise Deadline(f"no answer within {head_timeout:g}s") from exc
+        if not isinstance(event, h11.Response):
+            await self.aclose()
+            raise PeerClosed("server closed the connection before answering")
+        head = Response(event.status_code, event.reason.decode("latin-1"), list(event.headers), b"")
+        buffer = bytearray()
+        done = False
+
+        async def next_line() -> bytes | None:
+            nonlocal done
+            while True:
+                index = buffer.find(b"\n")
+                if index >= 0:
+                    line = bytes(buffer[:index])
+                    del buffer[: index + 1]
+                    return line
+                if done:
+                    return None
+                if len(buffer) > max_line:
+                    raise BodyTooLarge(f"line longer than {max_line} bytes")
+                item = await wire.next_event()
+                if isinstance(item, h11.Data):
+                    buffer.extend(item.data)
+                elif isinstance(item, h11.EndOfMessage):
+                    done = True
+                else:
+                    raise PeerClosed("stream ended without a final chunk")
+
+        return head, next_line
+
+    async def aclose(self) -> None:
+        """Close the connection at once."""
+        await trio.aclose_forcefully(self._wire.stream)

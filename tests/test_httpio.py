@@ -1,0 +1,250 @@
+"""The trio <-> h11 adapter, both roles, over real unix sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from imdsd.httpio import (
+    BodyTooLarge,
+    ClientConnection,
+    ConnectFailed,
+    Deadline,
+    HttpServer,
+    Request,
+    Responder,
+    ServerLimits,
+    open_tcp,
+    open_unix,
+    unix_listener,
+)
+
+
+async def echo(request: Request, responder: Responder) -> None:
+    if request.path == "/boom":
+        raise RuntimeError("handler bug")
+    if request.path == "/stream":
+        await responder.start(200, [(b"content-type", b"application/x-ndjson")])
+        for i in range(3):
+            await responder.write(b'{"n":%d}\n' % i)
+        await responder.end()
+        return
+    body = f"{request.method} {request.path} {request.query} {len(request.body)}".encode()
+    await responder.send(200, [(b"content-type", b"text/plain")], body)
+
+
+@asynccontextmanager
+async def connected(path: str, **kwargs: int) -> AsyncIterator[ClientConnection]:
+    client = ClientConnection(await open_unix(path, 1), **kwargs)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def running(
+    tmp_path: Path, limits: ServerLimits | None = None, max_connections: int = 100
+) -> AsyncIterator[tuple[str, HttpServer]]:
+    path = str(tmp_path / "s.sock")
+    server = HttpServer(echo, limits, max_connections=max_connections)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, [unix_listener(path, 0o660)])
+        yield path, server
+        nursery.cancel_scope.cancel()
+
+
+async def raw_exchange(path: str, payload: bytes, *, read_for: float = 1.0) -> bytes:
+    stream = await trio.open_unix_socket(path)
+    await stream.send_all(payload)
+    received = b""
+    with trio.move_on_after(read_for):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    await stream.aclose()
+    return received
+
+
+async def test_keep_alive_and_query(tmp_path: Path) -> None:
+    async with running(tmp_path) as (path, server), connected(path) as client:
+        first = await client.request("GET", "/a%20b?x=1&x=2", [("host", "t")])
+        assert first.status == 200
+        assert first.reason == "OK"
+        assert first.body == b"GET /a b [('x', '1'), ('x', '2')] 0"
+        assert client.reusable
+        second = await client.request("POST", "/p", [("host", "t")], b"12345")
+        assert second.body.endswith(b" 5")
+        assert first.header("server") == second.header("Server")
+        assert server.accepted == 1
+
+
+async def test_pipelined_requests_answered_in_order(tmp_path: Path) -> None:
+    async with running(tmp_path) as (path, _):
+        two = b"GET /one HTTP/1.1\r\nhost: t\r\n\r\nGET /two HTTP/1.1\r\nhost: t\r\n\r\n"
+        data = await raw_exchange(path, two, read_for=0.5)
+        assert data.count(b"HTTP/1.1 200") == 2
+        assert data.index(b"/one") < data.index(b"/two")
+
+
+async def test_oversized_head_is_431(tmp_path: Path) -> None:
+    async with running(tmp_path, ServerLimits(max_head=1024)) as (path, _):
+        big = b"GET / HTTP/1.1\r\nhost: t\r\nx-big: " + b"a" * 4096 + b"\r\n\r\n"
+        data = await raw_exchange(path, big)
+        assert data.startswith(b"HTTP/1.1 431")
+        assert b"connection: close" in data.lower()
+        dribbled = b"GET / HTTP/1.1\r\nhost: t\r\nx-big: " + b"a" * 70000
+        assert (await raw_exchange(path, dribbled)).startswith(b"HTTP/1.1 431")
+
+
+async def test_oversized_body_is_413(tmp_path: Path) -> None:
+    async with running(tmp_path, ServerLimits(max_body=10)) as (path, _):
+        req = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n" + b"x" * 100
+        data = await raw_exchange(path, req)
+        assert data.startswith(b"HTTP/1.1 413")
+
+
+async def test_garbage_is_400_and_server_survives(tmp_path: Path) -> None:
+    async with running(tmp_path) as (path, _):
+        data = await raw_exchange(path, b"\x00\x01 not http at all\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 400")
+        async with connected(path) as client:
+            assert (await client.request("GET", "/", [("host", "t")])).status == 200
+
+
+async def test_slow_request_gets_408(tmp_path: Path) -> None:
+    limits = ServerLimits(request_timeout=0.2, idle_timeout=5)
+    async with running(tmp_path, limits) as (path, _):
+        data = await raw_exchange(path, b"GET / HTTP/1.1\r\nhost:", read_for=2)
+        assert data.startswith(b"HTTP/1.1 408")
+
+
+async def test_idle_connection_is_closed(tmp_path: Path) -> None:
+    async with running(tmp_path, ServerLimits(idle_timeout=0.2)) as (path, _):
+        stream = await trio.open_unix_socket(path)
+        with trio.fail_after(2):
+            assert await stream.receive_some(10) == b""
+        await stream.aclose()
+
+
+async def test_handler_error_is_500(tmp_path: Path) -> None:
+    async with running(tmp_path) as (path, _), connected(path) as client:
+        response = await client.request("GET", "/boom", [("host", "t")])
+        assert response.status == 500
+        assert response.body == b'{"error":"internal error"}'
+        assert not client.reusable
+
+
+async def test_reset_mid_response_does_not_escape(tmp_path: Path) -> None:
+    async with running(tmp_path) as (path, server):
+        for _ in range(20):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            sock.sendall(b"GET /stream HTTP/1.1\r\nhost: t\r\n\r\n")
+            sock.close()
+        async with connected(path) as client:
+            assert (await client.request("GET", "/", [("host", "t")])).status == 200
+            with trio.fail_after(2):
+                while server.active > 1:  # noqa: ASYNC110 - polling a plain counter
+                    await trio.sleep(0.01)
+
+
+async def test_connections_beyond_limit_get_503(tmp_path: Path) -> None:
+    async with (
+        running(tmp_path, max_connections=2) as (path, server),
+        connected(path) as first,
+        connected(path) as second,
+    ):
+        for conn in (first, second):
+            assert (await conn.request("GET", "/", [("host", "t")])).status == 200
+        async with connected(path) as extra:
+            assert (await extra.request("GET", "/", [("host", "t")])).status == 503
+        assert server.rejected == 1
+        assert (await first.request("GET", "/", [("host", "t")])).status == 200
+
+
+async def test_streamed_lines(tmp_path: Path) -> None:
+    async with running(tmp_path) as (path, _), connected(path) as client:
+        head, next_line = await client.stream_lines("GET", "/stream", [("host", "t")])
+        assert head.status == 200
+        lines = [await next_line() for _ in range(4)]
+        assert lines == [b'{"n":0}', b'{"n":1}', b'{"n":2}', None]
+
+
+async def test_wait_peer_closed_returns_when_client_leaves(tmp_path: Path) -> None:
+    gone = trio.Event()
+
+    async def hold(request: Request, responder: Responder) -> None:
+        await responder.start(200, [])
+        await responder.wait_peer_closed()
+        gone.set()
+
+    path = str(tmp_path / "h.sock")
+    server = HttpServer(hold)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, [unix_listener(path)])
+        async with connected(path) as client:
+            head, _ = await client.stream_lines("GET", "/", [("host", "t")])
+            assert head.status == 200
+        with trio.fail_after(2):
+            await gone.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_body_cap_and_deadline(tmp_path: Path) -> None:
+    async def big(request: Request, responder: Responder) -> None:
+        if request.path == "/slow":
+            await trio.sleep(5)
+        await responder.send(200, [], b"x" * 2000)
+
+    path = str(tmp_path / "b.sock")
+    server = HttpServer(big)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, [unix_listener(path)])
+        async with connected(path, max_body=1000) as client:
+            with pytest.raises(BodyTooLarge):
+                await client.request("GET", "/", [("host", "t")])
+            assert not client.reusable
+        async with connected(path) as client:
+            with pytest.raises(Deadline):
+                await client.request("GET", "/slow", [("host", "t")], timeout=0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_notices_server_close_between_requests(tmp_path: Path) -> None:
+    async with (
+        running(tmp_path, ServerLimits(idle_timeout=0.1)) as (path, _),
+        connected(path) as client,
+    ):
+        assert (await client.request("GET", "/", [("host", "t")])).status == 200
+        await trio.sleep(0.4)
+        assert not client.reusable
+
+
+async def test_connect_failures(tmp_path: Path) -> None:
+    with pytest.raises(ConnectFailed):
+        await open_unix(str(tmp_path / "missing.sock"), 1)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(ConnectFailed):
+        await open_tcp("127.0.0.1", port, 1)
+
+
+async def test_unix_listener_replaces_stale_socket_and_sets_mode(tmp_path: Path) -> None:
+    path = str(tmp_path / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    listener = unix_listener(path, 0o600)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        await listener.aclose()
