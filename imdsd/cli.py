@@ -30,14 +30,19 @@ _HANDLERS = {
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--config", default=None, metavar="FILE",
+        "-c",
+        "--config",
+        default=None,
+        metavar="FILE",
         help=f"configuration file (default {DEFAULT_CONFIG}; a missing default means defaults)",
     )
 
 
 def _add_socket(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--socket", default=None, metavar="S",
+        "--socket",
+        default=None,
+        metavar="S",
         help="daemon socket (default: $IMDSD_SOCKET, else the configured socket)",
     )
 
@@ -55,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(check)
 
     get = sub.add_parser("get", help="read from the daemon's cache")
-    get.add_argument("path", nargs="?", default="", metavar="PATH",
-                     help="like compute/tags or network/interface/0 (default: whole instance)")
+    get.add_argument(
+        "path",
+        nargs="?",
+        default="",
+        metavar="PATH",
+        help="like compute/tags or network/interface/0 (default: whole instance)",
+    )
     get.add_argument("--format", choices=("json", "text"), default="json")
     _add_socket(get)
     _add_config(get)
@@ -77,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--listen", default="127.0.0.1:8169", metavar="HOST:PORT")
     emulate.add_argument("--profile", choices=("azure", "azurestack"), default="azure")
     emulate.add_argument("--scenario", default=None, metavar="FILE")
-    emulate.add_argument("--rate-limit", type=float, default=5.0, metavar="N",
-                         help="requests per second before 429 (0 disables)")
+    emulate.add_argument(
+        "--rate-limit",
+        type=float,
+        default=5.0,
+        metavar="N",
+        help="requests per second before 429 (0 disables)",
+    )
 
     demo = sub.add_parser("demo", help="emulator + daemon + example hook, scripted scenario")
     demo.add_argument("--duration", type=float, default=None, metavar="SECONDS")

@@ -65,9 +65,12 @@ class ConnectFailed(HttpIOError):
 class Request:
     """One HTTP request as the server received it (body read in full)."""
 
-    __slots__ = ("_query", "body", "headers", "method", "path", "raw_query", "target")
+    __slots__ = ("_query", "body", "headers", "method", "path", "peer", "raw_query", "target")
 
-    def __init__(self, method: str, target: str, headers: Headers, body: bytes) -> None:
+    def __init__(
+        self, method: str, target: str, headers: Headers, body: bytes, peer: Any = None
+    ) -> None:
+        self.peer = peer
         self.method = method
         self.target = target
         path, _, self.raw_query = target.partition("?")
@@ -339,7 +342,7 @@ async def _send_error(wire: _Wire, responder: Responder, status: int, message: s
         await responder.send(status, [(b"content-type", b"application/json")], json_error(message))
 
 
-async def _read_request(wire: _Wire, limits: ServerLimits) -> Request | None:
+async def _read_request(wire: _Wire, limits: ServerLimits, peer: Any) -> Request | None:
     """Wait (idle deadline) for the next request, then read it in full (request deadline)."""
     if not wire.has_buffered_data():
         with trio.move_on_after(limits.idle_timeout) as idle:
@@ -364,6 +367,7 @@ async def _read_request(wire: _Wire, limits: ServerLimits) -> Request | None:
         event.target.decode("ascii", "replace"),
         list(event.headers),
         body,
+        peer,
     )
 
 
@@ -374,18 +378,20 @@ async def serve_connection(
     *,
     server_header: bytes = b"imdsd/" + __version__.encode(),
     reject_status: int | None = None,
+    peer: Any = None,
 ) -> None:
     """Serve HTTP/1.1 on one stream until the peer leaves; never raises (but Cancelled).
 
     With ``reject_status`` every request is answered with that status and the connection is
-    closed (used for connections beyond ``max_connections``).
+    closed (used for connections beyond ``max_connections``). ``peer`` is attached to every
+    request as ``request.peer`` (e.g. the peer's credentials).
     """
     wire = _Wire(stream, h11.SERVER, limits.max_head)
     try:
         while True:
             responder = Responder(wire, server_header)
             try:
-                request = await _read_request(wire, limits)
+                request = await _read_request(wire, limits, peer)
                 if request is None:
                     break
                 if reject_status is not None:
@@ -418,7 +424,8 @@ class HttpServer:
     """Accepts connections on listeners and serves each with :func:`serve_connection`.
 
     Beyond ``max_connections`` open connections, new ones get ``503`` and are closed.
-    ``active`` counts the connections currently open.
+    ``active`` counts the connections currently open. ``peer_info`` is called once per
+    accepted stream; its result reaches the handler as ``request.peer``.
     """
 
     def __init__(
@@ -428,8 +435,10 @@ class HttpServer:
         *,
         max_connections: int = 2048,
         server_header: bytes = b"imdsd/" + __version__.encode(),
+        peer_info: Callable[[trio.abc.Stream], Any] | None = None,
     ) -> None:
         self.handler = handler
+        self.peer_info = peer_info
         self.limits = limits or ServerLimits()
         self.max_connections = max_connections
         self.server_header = server_header
@@ -451,6 +460,7 @@ class HttpServer:
                 self.limits,
                 server_header=self.server_header,
                 reject_status=reject,
+                peer=self.peer_info(stream) if self.peer_info else None,
             )
         finally:
             self.active -= 1
