@@ -1,0 +1,321 @@
+"""Consumer library for the imdsd socket API, in a sync and a trio flavour.
+
+Sync::
+
+    from imdsd.client import Client
+
+    client = Client()                      # $IMDSD_SOCKET or /run/imdsd/imdsd.sock
+    print(client.get("compute/vmSize", format="text"))
+    for frame in client.watch(kinds=["tags", "disks"]):
+        ...                                # StateFrame first, then ChangeFrames
+
+trio::
+
+    async with AsyncClient() as client, aclosing(client.watch(since=41)) as frames:
+        async for frame in frames:
+            ...
+
+``watch`` resumes by itself after a disconnect or an overflow (from the last revision it saw)
+and re-lists after ``gone`` (a fresh StateFrame follows, so the consumer can resynchronise).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import time
+from collections.abc import AsyncGenerator, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import msgspec
+import trio
+
+from imdsd import __version__, httpio
+from imdsd.frames import (
+    BookmarkFrame,
+    ChangeFrame,
+    Frame,
+    GoneFrame,
+    OverflowFrame,
+    StateFrame,
+    decode_frame,
+)
+
+DEFAULT_SOCKET = "/run/imdsd/imdsd.sock"
+_HEADERS = [("host", "imdsd"), ("user-agent", f"imdsd-client/{__version__}")]
+
+
+class ImdsdError(Exception):
+    """Base of the errors this library raises."""
+
+
+class DaemonUnreachable(ImdsdError):
+    """The daemon's socket could not be reached."""
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        super().__init__(f"imdsd is not reachable at {socket_path}: {reason}")
+        self.socket_path = socket_path
+
+
+class ApiError(ImdsdError):
+    """The daemon answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def socket_path(explicit: str | None = None) -> str:
+    """The socket to use: ``explicit``, else ``$IMDSD_SOCKET``, else the default path."""
+    return explicit or os.environ.get("IMDSD_SOCKET") or DEFAULT_SOCKET
+
+
+def read_target(path: str, fmt: str) -> str:
+    """The request target for reading instance ``path`` (like ``compute/tags``) in ``fmt``."""
+    clean = path.strip("/")
+    if clean.startswith("metadata/"):
+        base = "/" + clean
+    else:
+        base = "/metadata/instance" + ("/" + clean if clean else "")
+    return quote(base) + "?" + urlencode({"format": fmt})
+
+
+def error_message(body: bytes) -> str:
+    """The ``error`` field of a JSON error body, or the body itself."""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body.decode("utf-8", "replace").strip() or "(empty answer)"
+    message = decoded.get("error") if isinstance(decoded, dict) else None
+    if isinstance(message, str):
+        return message
+    return body.decode("utf-8", "replace").strip()
+
+
+def _decode_read(body: bytes, fmt: str) -> Any:
+    if fmt == "text":
+        return body.decode("utf-8")
+    return msgspec.json.decode(body)
+
+
+class WatchCursor:
+    """Sans-IO resume logic of a watch: which URL to open next, what to do with each frame."""
+
+    def __init__(self, since: int | None, kinds: Iterable[str] | None) -> None:
+        self.since = since
+        self.kinds = sorted(set(kinds)) if kinds else None
+
+    def target(self) -> str:
+        """The request target of the next connection."""
+        query: dict[str, str] = {}
+        if self.since is not None:
+            query["since"] = str(self.since)
+        if self.kinds:
+            query["kinds"] = ",".join(self.kinds)
+        return "/v1/watch" + ("?" + urlencode(query) if query else "")
+
+    def accept(self, frame: Frame) -> bool:
+        """Record ``frame``; True when it should reach the consumer.
+
+        Bookmarks advance the resume point silently. Overflow resumes from its revision; gone
+        re-lists (the next connection starts with a state frame). Both end the connection.
+        """
+        if isinstance(frame, StateFrame | ChangeFrame):
+            self.since = frame.revision
+            return True
+        if isinstance(frame, BookmarkFrame):
+            self.since = frame.revision
+            return False
+        if isinstance(frame, OverflowFrame):
+            self.since = frame.revision
+            return False
+        if isinstance(frame, GoneFrame):
+            self.since = None
+            return False
+        return False
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("imdsd", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    """Blocking client of the imdsd socket API (standard library only, no trio needed)."""
+
+    def __init__(self, socket: str | None = None, *, timeout: float = 10.0) -> None:
+        self.socket = socket_path(socket)
+        self.timeout = timeout
+
+    def request(self, method: str, target: str) -> tuple[int, dict[str, str], bytes]:
+        """Send one request; returns status, headers (lower-case names) and body."""
+        conn = _UnixHTTPConnection(self.socket, self.timeout)
+        try:
+            conn.request(method, target, headers=dict(_HEADERS))
+            reply = conn.getresponse()
+            return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise DaemonUnreachable(self.socket, str(exc) or type(exc).__name__) from exc
+        finally:
+            conn.close()
+
+    def _ok(self, method: str, target: str) -> bytes:
+        status, _, body = self.request(method, target)
+        if status >= 400:
+            raise ApiError(status, error_message(body))
+        return body
+
+    def get(self, path: str = "", *, format: str = "json") -> Any:
+        """Read ``path`` of the cached instance (``compute/tags``); JSON decoded, or text."""
+        return _decode_read(self._ok("GET", read_target(path, format)), format)
+
+    def state(self) -> dict[str, Any]:
+        """The whole current state (``/v1/state``)."""
+        result: dict[str, Any] = msgspec.json.decode(self._ok("GET", "/v1/state"))
+        return result
+
+    def health(self) -> dict[str, Any]:
+        """The daemon's health (``/v1/health``), also while it is starting."""
+        _, _, body = self.request("GET", "/v1/health")
+        result: dict[str, Any] = msgspec.json.decode(body)
+        return result
+
+    def approve(self, event_id: str) -> dict[str, Any]:
+        """Approve scheduled event ``event_id`` upstream (needs an allowed uid or gid)."""
+        body = self._ok("POST", f"/v1/scheduled-events/{quote(event_id, safe='')}/approve")
+        result: dict[str, Any] = msgspec.json.decode(body)
+        return result
+
+    def watch(
+        self,
+        since: int | None = None,
+        kinds: Iterable[str] | None = None,
+        *,
+        retry_delay: float = 1.0,
+        read_timeout: float = 60.0,
+    ) -> Iterator[Frame]:
+        """Yield state and change frames forever, reconnecting and resuming as needed."""
+        cursor = WatchCursor(since, kinds)
+        while True:
+            conn = _UnixHTTPConnection(self.socket, read_timeout)
+            try:
+                conn.request("GET", cursor.target(), headers=dict(_HEADERS))
+                reply = conn.getresponse()
+                if reply.status != 200:
+                    raise ApiError(reply.status, error_message(reply.read()))
+                while line := reply.readline():
+                    frame = decode_frame(line)
+                    if cursor.accept(frame):
+                        yield frame
+            except (OSError, http.client.HTTPException, msgspec.DecodeError):
+                pass
+            finally:
+                conn.close()
+            time.sleep(retry_delay)
+
+
+class AsyncClient:
+    """trio client of the imdsd socket API; use as ``async with AsyncClient() as c``."""
+
+    def __init__(self, socket: str | None = None, *, timeout: float = 10.0) -> None:
+        self.socket = socket_path(socket)
+        self.timeout = timeout
+        self._conn: httpio.ClientConnection | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the kept-alive connection."""
+        if self._conn is not None:
+            await self._conn.aclose()
+            self._conn = None
+
+    async def _connect(self) -> httpio.ClientConnection:
+        try:
+            return httpio.ClientConnection(await httpio.open_unix(self.socket, self.timeout))
+        except httpio.ConnectFailed as exc:
+            raise DaemonUnreachable(self.socket, str(exc)) from exc
+
+    async def request(self, method: str, target: str) -> httpio.Response:
+        """Send one request on the kept-alive connection (reconnecting when needed)."""
+        if self._conn is None or not self._conn.reusable:
+            await self.aclose()
+            self._conn = await self._connect()
+        try:
+            return await self._conn.request(method, target, _HEADERS, timeout=self.timeout)
+        except httpio.HttpIOError as exc:
+            self._conn = None
+            raise DaemonUnreachable(self.socket, str(exc)) from exc
+
+    async def _ok(self, method: str, target: str) -> bytes:
+        response = await self.request(method, target)
+        if response.status >= 400:
+            raise ApiError(response.status, error_message(response.body))
+        return response.body
+
+    async def get(self, path: str = "", *, format: str = "json") -> Any:
+        """Read ``path`` of the cached instance; JSON decoded, or text."""
+        return _decode_read(await self._ok("GET", read_target(path, format)), format)
+
+    async def state(self) -> dict[str, Any]:
+        """The whole current state (``/v1/state``)."""
+        result: dict[str, Any] = msgspec.json.decode(await self._ok("GET", "/v1/state"))
+        return result
+
+    async def watch(
+        self,
+        since: int | None = None,
+        kinds: Iterable[str] | None = None,
+        *,
+        retry_delay: float = 1.0,
+        read_timeout: float = 60.0,
+    ) -> AsyncGenerator[Frame, None]:
+        """Yield state and change frames forever, reconnecting and resuming as needed."""
+        cursor = WatchCursor(since, kinds)
+        while True:
+            try:
+                conn = await self._connect()
+            except DaemonUnreachable:
+                await trio.sleep(retry_delay)
+                continue
+            try:
+                head, next_line = await conn.stream_lines("GET", cursor.target(), _HEADERS)
+                if head.status != 200:
+                    raise ApiError(head.status, f"watch refused with HTTP {head.status}")
+                while True:
+                    with trio.fail_after(read_timeout):
+                        line = await next_line()
+                    if line is None:
+                        break
+                    frame = decode_frame(line)
+                    if cursor.accept(frame):
+                        yield frame
+            except (httpio.HttpIOError, trio.TooSlowError, msgspec.DecodeError):
+                pass
+            finally:
+                await conn.aclose()
+            await trio.sleep(retry_delay)
