@@ -1,0 +1,389 @@
+"""Pure diff of two snapshots into the changes of CONTRACT section 4 (no I/O, no clock).
+
+Kinds, keys and ops:
+
+- ``tags``: key = tag name; ``added`` / ``removed`` / ``modified`` (``fields == ["value"]``);
+  old/new are the values. Read from ``tagsList`` when both sides have it, otherwise from
+  ``tags`` (``"k1:v1;k2:v2"``, each pair split at its first ``:``, empty pairs ignored).
+- ``disks``: ``lun:<n>`` (data disks), ``os`` (OS disk), ``resource`` (temp disk, none when
+  its size is ``""`` or ``"0"``); ``attached`` / ``detached`` / ``modified``; old/new are the
+  disk objects as IMDS sent them.
+- ``network``: ``mac:<MAC upper-case, no separators>``; ``added`` / ``removed`` /
+  ``modified``; old/new are the NIC objects as IMDS sent them.
+- ``scheduled_events``: key = EventId; ``added`` / ``modified`` / ``removed``; only events
+  whose ``Resources`` name this VM (``compute.name`` of the new snapshot, else the old one,
+  compared case-insensitively; every event when no name is known).
+- ``compute``: key = dotted field path as IMDS names it (``vmSize``, ``plan.name``); op
+  ``modified``, ``fields == [key]``; every compute leaf except ``tags``, ``tagsList`` and
+  ``storageProfile`` (``userData`` and ``customData`` included).
+- ``loadbalancer``: ``frontend:<frontendIpAddress>`` for ``publicIpAddresses``;
+  ``rule:inbound:<protocol>:<frontendIp>:<frontendPort>`` and
+  ``rule:outbound:<frontendIp>:<privateIp>`` for rules, IPv6 addresses in brackets
+  (``rule:inbound:tcp:[2603:10e1::1]:80``); ``added`` / ``removed`` / ``modified``. A 404
+  (``loadbalancer_absent``) counts as an empty load balancer.
+
+``fields`` (on ``modified`` only) lists changed sub-field paths, sorted. Lists compare as
+multisets, so reordering NICs, disks, tags, IPs, subnets, keys or resources is no change. A
+field present on one side only is an api-version difference and no change, except inside the
+free-form ``encryptionSettings`` blob. When two items share a key, the second and later (in a
+canonical order) get ``#2``, ``#3``... appended. An endpoint unknown on either side (not
+fetched yet) yields no changes. The result is ordered by kind (``frames.KINDS``) then key
+(numbers in keys compare numerically).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from imdsd.frames import KINDS, Change, Kind
+from imdsd.model import Snapshot
+
+__all__ = ["diff", "mac_key", "parse_tags"]
+
+_FREE_FORM = frozenset({"encryptionSettings"})
+_NOT_COMPUTE = frozenset({"tags", "tagsList", "storageProfile"})
+_KIND_ORDER = {kind: i for i, kind in enumerate(KINDS)}
+_NON_HEX = re.compile(r"[^0-9A-Fa-f]")
+_DIGITS = re.compile(r"(\d+)")
+_encoder = msgspec.json.Encoder(order="sorted")
+
+Raw = dict[str, Any]
+
+
+def diff(old: Snapshot, new: Snapshot) -> list[Change]:
+    """Every change from ``old`` to ``new``, in a deterministic order (see module doc)."""
+    changes: list[Change] = []
+    old_instance, new_instance = _instance_raw(old), _instance_raw(new)
+    if old_instance is not None and new_instance is not None:
+        old_compute = _obj(old_instance.get("compute"))
+        new_compute = _obj(new_instance.get("compute"))
+        changes += _tag_changes(old_compute, new_compute)
+        changes += _disk_changes(old_compute, new_compute)
+        changes += _network_changes(
+            _obj(old_instance.get("network")), _obj(new_instance.get("network"))
+        )
+        changes += _compute_changes(old_compute, new_compute)
+    changes += _scheduled_event_changes(old, new)
+    changes += _loadbalancer_changes(old, new)
+    changes.sort(key=_order)
+    return changes
+
+
+def parse_tags(tags: str) -> dict[str, str]:
+    """Parse the legacy ``tags`` string ``"k1:v1;k2:v2"`` (split at the first ``:``)."""
+    out: dict[str, str] = {}
+    for pair in tags.split(";"):
+        if not pair.strip():
+            continue
+        name, _, value = pair.partition(":")
+        out[name] = value
+    return out
+
+
+def mac_key(mac: str) -> str:
+    """The network change key of a MAC in any notation: ``mac:0011AAFFBB22``."""
+    return "mac:" + _NON_HEX.sub("", mac).upper()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _order(change: Change) -> tuple[int, tuple[Any, ...], str]:
+    parts = _DIGITS.split(change.key)
+    natural = tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+    return _KIND_ORDER[change.kind], natural, change.key
+
+
+def _instance_raw(snapshot: Snapshot) -> Raw | None:
+    if snapshot.instance is None:
+        return None
+    if snapshot.instance_raw is not None:
+        return snapshot.instance_raw
+    raw: Raw = msgspec.to_builtins(snapshot.instance)
+    return raw
+
+
+def _obj(value: Any) -> Raw:
+    return value if isinstance(value, dict) else {}
+
+
+def _items(container: Mapping[str, Any], key: str) -> list[Raw] | None:
+    """The objects of list ``key``, or None when the field is absent (api-version)."""
+    if key not in container:
+        return None
+    value = container[key]
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return sorted((_canonical(v) for v in value), key=_encoder.encode)
+    return value
+
+
+def _fingerprint(value: Any) -> bytes:
+    return _encoder.encode(_canonical(value))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is type(b) and not isinstance(a, dict | list):
+        return bool(a == b)
+    return _fingerprint(a) == _fingerprint(b)
+
+
+def _leaf_paths(value: Any, path: str) -> list[str]:
+    if isinstance(value, dict) and value:
+        out: list[str] = []
+        for k, v in value.items():
+            out += _leaf_paths(v, f"{path}.{k}")
+        return out
+    return [path]
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Changed leaf paths; a key on one side only counts only inside free-form blobs."""
+    return sorted(path for path, _, _ in _changed_leaves(old, new, prefix, free_form=False))
+
+
+def _changed_leaves(
+    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str, *, free_form: bool
+) -> list[tuple[str, Any, Any]]:
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(old.keys() | new.keys()):
+        path = prefix + key
+        if key not in old or key not in new:
+            if free_form:
+                present = old[key] if key in old else new[key]
+                out += [(leaf, None, None) for leaf in _leaf_paths(present, path)]
+            continue
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_leaves(a, b, path + ".", free_form=free_form or key in _FREE_FORM)
+        elif not _same(a, b):
+            out.append((path, a, b))
+    return out
+
+
+def _keyed(items: list[Raw], key_of: Callable[[Raw], str]) -> dict[str, Raw]:
+    groups: dict[str, list[Raw]] = {}
+    for item in items:
+        groups.setdefault(key_of(item), []).append(item)
+    out: dict[str, Raw] = {}
+    for key, group in groups.items():
+        if len(group) > 1:
+            group.sort(key=_fingerprint)
+        for i, item in enumerate(group, 1):
+            out[key if i == 1 else f"{key}#{i}"] = item
+    return out
+
+
+def _keyed_changes(
+    kind: Kind,
+    old: dict[str, Raw],
+    new: dict[str, Raw],
+    ops: tuple[str, str],
+    fields_of: Callable[[Raw, Raw], list[str]] = _changed,
+) -> list[Change]:
+    added, removed = ops
+    out = [Change(kind, removed, k, old[k], None) for k in old.keys() - new.keys()]
+    out += [Change(kind, added, k, None, new[k]) for k in new.keys() - old.keys()]
+    for k in old.keys() & new.keys():
+        fields = fields_of(old[k], new[k])
+        if fields:
+            out.append(Change(kind, "modified", k, old[k], new[k], sorted(fields)))
+    return out
+
+
+def _str(item: Mapping[str, Any], key: str) -> str:
+    value = item.get(key, "")
+    return value if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------------------- instance kinds
+
+
+def _tags_of(compute: Raw, use_list: bool) -> dict[str, str]:
+    if use_list:
+        return {_str(t, "name"): _str(t, "value") for t in _items(compute, "tagsList") or []}
+    return parse_tags(_str(compute, "tags"))
+
+
+def _tag_changes(old: Raw, new: Raw) -> list[Change]:
+    if "tagsList" in old and "tagsList" in new:
+        use_list = True
+    elif "tags" in old and "tags" in new:
+        use_list = False
+    else:
+        return []
+    a, b = _tags_of(old, use_list), _tags_of(new, use_list)
+    out = [Change("tags", "removed", k, a[k], None) for k in a.keys() - b.keys()]
+    out += [Change("tags", "added", k, None, b[k]) for k in b.keys() - a.keys()]
+    out += [
+        Change("tags", "modified", k, a[k], b[k], ["value"])
+        for k in a.keys() & b.keys()
+        if a[k] != b[k]
+    ]
+    return out
+
+
+def _lun_key(disk: Raw) -> str:
+    lun = _str(disk, "lun").strip()
+    return f"lun:{int(lun)}" if lun.isdigit() else f"lun:{lun}"
+
+
+def _has_resource_disk(disk: Raw) -> bool:
+    return _str(disk, "size").strip() not in ("", "0")
+
+
+def _disk_changes(old_compute: Raw, new_compute: Raw) -> list[Change]:
+    if "storageProfile" not in old_compute or "storageProfile" not in new_compute:
+        return []
+    old, new = _obj(old_compute["storageProfile"]), _obj(new_compute["storageProfile"])
+    out: list[Change] = []
+    old_data, new_data = _items(old, "dataDisks"), _items(new, "dataDisks")
+    if old_data is not None and new_data is not None:
+        out += _keyed_changes(
+            "disks",
+            _keyed(old_data, _lun_key),
+            _keyed(new_data, _lun_key),
+            ("attached", "detached"),
+        )
+    if "osDisk" in old and "osDisk" in new:
+        a, b = _obj(old["osDisk"]), _obj(new["osDisk"])
+        fields = _changed(a, b)
+        if fields:
+            out.append(Change("disks", "modified", "os", a, b, fields))
+    if "resourceDisk" in old and "resourceDisk" in new:
+        a, b = _obj(old["resourceDisk"]), _obj(new["resourceDisk"])
+        had, has = _has_resource_disk(a), _has_resource_disk(b)
+        if had and not has:
+            out.append(Change("disks", "detached", "resource", a, None))
+        elif has and not had:
+            out.append(Change("disks", "attached", "resource", None, b))
+        elif has and had:
+            fields = _changed(a, b)
+            if fields:
+                out.append(Change("disks", "modified", "resource", a, b, fields))
+    return out
+
+
+def _nic_key(nic: Raw) -> str:
+    return mac_key(_str(nic, "macAddress"))
+
+
+def _nic_fields(old: Raw, new: Raw) -> list[str]:
+    # Both sides share the normalised MAC (it is the key): a notation change is no change.
+    return [f for f in _changed(old, new) if f != "macAddress"]
+
+
+def _network_changes(old: Raw, new: Raw) -> list[Change]:
+    old_nics, new_nics = _items(old, "interface"), _items(new, "interface")
+    if old_nics is None or new_nics is None:
+        return []
+    return _keyed_changes(
+        "network",
+        _keyed(old_nics, _nic_key),
+        _keyed(new_nics, _nic_key),
+        ("added", "removed"),
+        _nic_fields,
+    )
+
+
+def _compute_changes(old: Raw, new: Raw) -> list[Change]:
+    a = {k: v for k, v in old.items() if k not in _NOT_COMPUTE}
+    b = {k: v for k, v in new.items() if k not in _NOT_COMPUTE}
+    return [
+        Change("compute", "modified", path, va, vb, [path])
+        for path, va, vb in _changed_leaves(a, b, "", free_form=False)
+    ]
+
+
+# ---------------------------------------------------------------------------- other endpoints
+
+
+def _vm_name(old: Snapshot, new: Snapshot) -> str:
+    for snapshot in (new, old):
+        if snapshot.instance is not None and snapshot.instance.compute.name:
+            return snapshot.instance.compute.name
+    return ""
+
+
+def _events(snapshot: Snapshot, vm_name: str) -> dict[str, Raw] | None:
+    if snapshot.scheduled_events is None:
+        return None
+    raw = snapshot.scheduled_events_raw
+    if raw is None:
+        raw = msgspec.to_builtins(snapshot.scheduled_events)
+    events = _items(_obj(raw), "Events") or []
+    if vm_name:
+        wanted = vm_name.casefold()
+        events = [
+            e
+            for e in events
+            if any(isinstance(r, str) and r.casefold() == wanted for r in e.get("Resources", []))
+        ]
+    return _keyed(events, lambda e: _str(e, "EventId"))
+
+
+def _scheduled_event_changes(old: Snapshot, new: Snapshot) -> list[Change]:
+    vm_name = _vm_name(old, new)
+    a, b = _events(old, vm_name), _events(new, vm_name)
+    if a is None or b is None:
+        return []
+    return _keyed_changes("scheduled_events", a, b, ("added", "removed"))
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _inbound_key(rule: Raw) -> str:
+    return (
+        f"rule:inbound:{_str(rule, 'protocol')}:{_host(_str(rule, 'frontendIpAddress'))}"
+        f":{_str(rule, 'frontendPort')}"
+    )
+
+
+def _outbound_key(rule: Raw) -> str:
+    return (
+        f"rule:outbound:{_host(_str(rule, 'frontendIpAddress'))}"
+        f":{_host(_str(rule, 'privateIpAddress'))}"
+    )
+
+
+def _frontend_key(entry: Raw) -> str:
+    return f"frontend:{_str(entry, 'frontendIpAddress')}"
+
+
+def _lb_entries(snapshot: Snapshot) -> dict[str, Raw] | None:
+    if snapshot.loadbalancer_absent:
+        return {}
+    if snapshot.loadbalancer is None:
+        return None
+    raw = snapshot.loadbalancer_raw
+    if raw is None:
+        raw = msgspec.to_builtins(snapshot.loadbalancer)
+    lb = _obj(_obj(raw).get("loadbalancer"))
+    out: dict[str, Raw] = {}
+    for field, key_of in (
+        ("publicIpAddresses", _frontend_key),
+        ("inboundRules", _inbound_key),
+        ("outboundRules", _outbound_key),
+    ):
+        out.update(_keyed(_items(lb, field) or [], key_of))
+    return out
+
+
+def _loadbalancer_changes(old: Snapshot, new: Snapshot) -> list[Change]:
+    a, b = _lb_entries(old), _lb_entries(new)
+    if a is None or b is None:
+        return []
+    return _keyed_changes("loadbalancer", a, b, ("added", "removed"))
