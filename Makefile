@@ -27,5 +27,8 @@ test: lint typecheck unit
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py --quick
 
+deb:
+	packaging/build-deb
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
