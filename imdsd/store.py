@@ -1,0 +1,293 @@
+"""Revisions, watch-resume history and hook delivery marks (sans-IO).
+
+The store holds the current snapshot and turns each new snapshot into at most one
+:class:`~imdsd.frames.ChangeFrame`. Revision rules:
+
+- The revision only grows and is never reused, also across restarts (the persisted state,
+  or the revision high-water mark when the state was lost, is the starting point).
+- The first snapshot (no current snapshot: first start, or the persisted snapshot was lost)
+  is a *baseline*: it takes ``revision + 1`` so that ETags and state frames have a revision,
+  but it produces no change frame. Nothing before a baseline can be resumed from.
+- After that, a snapshot with no changes creates no revision; one with changes creates
+  exactly one revision and one frame holding all its changes.
+
+``oldest`` is the oldest revision a watch can resume from: ``frames_since(oldest)`` returns
+every frame after it, anything older is :class:`~imdsd.frames.GoneFrame` ``(oldest)``.
+
+Persistence bookkeeping: every change to what :meth:`Store.to_state` returns bumps
+:attr:`Store.generation`. The shell saves ``to_state()`` and then calls
+:meth:`Store.mark_saved` with the generation it read before saving; :attr:`Store.dirty` and
+:attr:`Store.must_save` then tell whether another save is needed.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+import msgspec
+
+from imdsd.frames import Change, ChangeFrame, GoneFrame
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+DiffFunction = Callable[[S, S], list[Change]]
+
+
+class PersistedState(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
+    """Everything the store keeps across restarts; validated on construction and decoding.
+
+    ``oldest`` is the oldest revision a watch can resume from, ``history`` the kept change
+    frames (strictly increasing revisions in ``(oldest, revision]``), ``hooks`` the last
+    revision delivered to each hook.
+    """
+
+    revision: int = 0
+    oldest: int = 0
+    snapshot: S | None = None
+    history: list[ChangeFrame] = msgspec.field(default_factory=list)
+    hooks: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.revision < 0:
+            raise ValueError(f"revision {self.revision} is negative")
+        if not 0 <= self.oldest <= self.revision:
+            raise ValueError(f"oldest {self.oldest} is not within 0..revision {self.revision}")
+        previous = self.oldest
+        for frame in self.history:
+            if not previous < frame.revision <= self.revision:
+                raise ValueError(
+                    f"history frame revision {frame.revision} is not within "
+                    f"{previous + 1}..{self.revision}"
+                )
+            previous = frame.revision
+        for name, delivered in self.hooks.items():
+            if not 0 <= delivered <= self.revision:
+                raise ValueError(
+                    f"hook {name!r} delivered revision {delivered} is not within 0..{self.revision}"
+                )
+
+
+def format_timestamp(now: datetime | float) -> str:
+    """RFC 3339 UTC timestamp with millisecond precision and a ``Z`` suffix.
+
+    ``now`` is a timezone-aware datetime or a unix time in seconds; naive datetimes are
+    rejected because their zone is unknown.
+    """
+    if isinstance(now, datetime):
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError(f"timestamp {now.isoformat()} has no timezone")
+        moment = now.astimezone(UTC)
+    else:
+        moment = datetime.fromtimestamp(now, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class Store(Generic[S]):
+    """Current snapshot, revision counter, bounded change history and hook delivery marks.
+
+    ``diff(old, new)`` lists the changes between two snapshots of ``snapshot_type``;
+    ``history`` is how many change frames are kept for watch resume. ``state`` restores a
+    previously persisted state (see :func:`imdsd.persist.load_state`); if it holds more
+    frames than ``history`` the oldest are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        diff: DiffFunction[S],
+        snapshot_type: type[S],
+        history: int,
+        state: PersistedState[S] | None = None,
+    ) -> None:
+        if history < 0:
+            raise ValueError(f"history must be >= 0, got {history}")
+        if state is None:
+            state = PersistedState()
+        if state.snapshot is not None and not isinstance(state.snapshot, snapshot_type):
+            raise TypeError(
+                f"persisted snapshot is a {type(state.snapshot).__name__}, "
+                f"expected {snapshot_type.__name__}"
+            )
+        self._diff = diff
+        self.snapshot_type = snapshot_type
+        self._snapshot: S | None = state.snapshot
+        self._revision = state.revision
+        self._oldest = state.oldest
+        self._frames: collections.deque[ChangeFrame] = collections.deque(maxlen=history)
+        for frame in state.history:
+            self._keep(frame)
+        self._hooks: dict[str, int] = dict(state.hooks)
+        self._generation = 0
+        self._critical_generation = 0
+        self._saved_generation = 0
+
+    @classmethod
+    def from_state(
+        cls,
+        state: PersistedState[S],
+        *,
+        diff: DiffFunction[S],
+        snapshot_type: type[S],
+        history: int,
+    ) -> Store[S]:
+        """Build a store continuing from ``state`` (same as passing ``state=`` to the class)."""
+        return cls(diff=diff, snapshot_type=snapshot_type, history=history, state=state)
+
+    @property
+    def snapshot(self) -> S | None:
+        """The current snapshot, None before the first one."""
+        return self._snapshot
+
+    @property
+    def revision(self) -> int:
+        """The current revision (0 before the first snapshot of a fresh store)."""
+        return self._revision
+
+    @property
+    def oldest(self) -> int:
+        """The oldest revision ``frames_since`` can resume from."""
+        return self._oldest
+
+    @property
+    def history_size(self) -> int:
+        """Number of change frames currently kept."""
+        return len(self._frames)
+
+    @property
+    def history_limit(self) -> int:
+        """Maximum number of change frames kept."""
+        return self._frames.maxlen or 0
+
+    def apply(self, snapshot: S, now: datetime | float) -> ChangeFrame | None:
+        """Make ``snapshot`` current; return the change frame of the new revision, if any.
+
+        A baseline (no current snapshot) takes a new revision but returns None; a snapshot
+        without changes keeps the revision and returns None.
+        """
+        if not isinstance(snapshot, self.snapshot_type):
+            raise TypeError(
+                f"snapshot is a {type(snapshot).__name__}, expected {self.snapshot_type.__name__}"
+            )
+        at = format_timestamp(now)
+        previous = self._snapshot
+        if previous is None:
+            self._snapshot = snapshot
+            self._revision += 1
+            self._oldest = self._revision
+            self._frames.clear()
+            self._changed(critical=True)
+            return None
+        changes = self._diff(previous, snapshot)
+        self._snapshot = snapshot
+        if not changes:
+            if snapshot != previous:
+                self._changed(critical=False)
+            return None
+        self._revision += 1
+        frame = ChangeFrame(revision=self._revision, at=at, changes=list(changes))
+        self._keep(frame)
+        self._changed(critical=True)
+        return frame
+
+    def frames_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
+        """Change frames with revision > ``since``, oldest first.
+
+        ``since`` below :attr:`oldest` (history no longer complete) or above the current
+        revision (a client that saw a revision this store never had, e.g. after state loss)
+        gives ``GoneFrame(oldest)``.
+        """
+        if since < self._oldest or since > self._revision:
+            return GoneFrame(oldest=self._oldest)
+        found: list[ChangeFrame] = []
+        for frame in reversed(self._frames):
+            if frame.revision <= since:
+                break
+            found.append(frame)
+        found.reverse()
+        return found
+
+    def delivered(self, hook: str) -> int | None:
+        """The last revision delivered to ``hook``, None if never marked."""
+        return self._hooks.get(hook)
+
+    @property
+    def hooks(self) -> Mapping[str, int]:
+        """A copy of the delivered revision of every known hook."""
+        return dict(self._hooks)
+
+    def mark_delivered(self, hook: str, revision: int) -> bool:
+        """Record that ``hook`` has seen everything up to ``revision``; True if that changed.
+
+        Marks only move forward: a lower revision than the recorded one is ignored.
+        """
+        if not 0 <= revision <= self._revision:
+            raise ValueError(
+                f"hook {hook!r}: delivered revision {revision} is not within 0..{self._revision}"
+            )
+        current = self._hooks.get(hook)
+        if current is not None and current >= revision:
+            return False
+        self._hooks[hook] = revision
+        self._changed(critical=True)
+        return True
+
+    def forget_hooks(self, keep: Iterable[str]) -> bool:
+        """Drop the delivery marks of every hook not in ``keep``; True if any was dropped."""
+        kept = set(keep)
+        gone = [name for name in self._hooks if name not in kept]
+        for name in gone:
+            del self._hooks[name]
+        if gone:
+            self._changed(critical=True)
+        return bool(gone)
+
+    @property
+    def generation(self) -> int:
+        """Counter bumped by every change to the persisted state."""
+        return self._generation
+
+    @property
+    def dirty(self) -> bool:
+        """True when something changed since the last :meth:`mark_saved`."""
+        return self._generation > self._saved_generation
+
+    @property
+    def must_save(self) -> bool:
+        """True when a revision or hook mark is unsaved (not just a snapshot-only update).
+
+        Snapshot-only updates may be saved lazily; these should be saved promptly.
+        """
+        return self._critical_generation > self._saved_generation
+
+    def mark_saved(self, generation: int) -> None:
+        """Record that the state as of ``generation`` (read before saving) is on disk."""
+        if generation > self._generation:
+            raise ValueError(f"generation {generation} is ahead of {self._generation}")
+        self._saved_generation = max(self._saved_generation, generation)
+
+    def to_state(self) -> PersistedState[S]:
+        """An immutable copy of everything to persist (safe to encode in another thread)."""
+        return PersistedState(
+            revision=self._revision,
+            oldest=self._oldest,
+            snapshot=self._snapshot,
+            history=list(self._frames),
+            hooks=dict(self._hooks),
+        )
+
+    def _keep(self, frame: ChangeFrame) -> None:
+        limit = self._frames.maxlen
+        if limit == 0:
+            self._oldest = frame.revision
+            return
+        if len(self._frames) == limit:
+            self._oldest = self._frames[0].revision
+        self._frames.append(frame)
+
+    def _changed(self, *, critical: bool) -> None:
+        self._generation += 1
+        if critical:
+            self._critical_generation = self._generation
