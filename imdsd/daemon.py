@@ -1,0 +1,371 @@
+"""The composition root of ``imdsd run``: builds every part from the config and runs them.
+
+Lifecycle (systemd ``Type=notify``): load the persisted state, listen (or adopt the sockets
+systemd passed), start the pollers, the socket API and the hooks; ``READY=1`` once a snapshot
+is available and the socket serves. ``WATCHDOG=1`` at half of ``WATCHDOG_USEC`` while the
+pollers run and the socket answers a self-probe. SIGHUP reloads the configuration
+(``RELOADING=1`` ... ``READY=1``) without dropping watchers, keeping the old configuration
+when the new one is invalid. SIGTERM/SIGINT: ``STOPPING=1``, stop accepting, end watch streams
+with a final bookmark, wait for running hooks, persist, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import msgspec
+import structlog
+import trio
+
+from imdsd import __version__
+from imdsd.api.context import Endpoint, Freshness
+from imdsd.api.metrics import Metrics
+from imdsd.api.server import ApiServer, ListenError, open_listeners
+from imdsd.broadcast import Subscription
+from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from imdsd.config import Config, ConfigError, load_config
+from imdsd.frames import ChangeFrame, GoneFrame
+from imdsd.health import HealthBoard
+from imdsd.hooks.dispatcher import HookDispatcher
+from imdsd.hooks.sources import load_hooks
+from imdsd.httpio import ClientConnection, HttpIOError, open_unix
+from imdsd.keeper import StateKeeper, load_store
+from imdsd.logs import configure_logging
+from imdsd.model import Snapshot
+from imdsd.persist import PersistError
+from imdsd.poller import run_pollers
+from imdsd.systemd import Notifier, SystemdError, listen_fds
+from imdsd.upstream.budget import Budget
+from imdsd.upstream.client import GaveUp, ImdsClient
+
+log = structlog.get_logger("imdsd.daemon")
+
+HOOK_SHUTDOWN_DEADLINE: Final = 3.0
+STATUS_EVERY: Final = 10.0
+PROBE_TIMEOUT: Final = 5.0
+WATCHERS_DRAIN: Final = 1.0
+
+
+class DaemonContext:
+    """What the socket API sees of the daemon (implements :class:`imdsd.api.context.ApiContext`)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The current snapshot."""
+        return self._daemon.keeper.snapshot
+
+    @property
+    def revision(self) -> int:
+        """The current revision."""
+        return self._daemon.keeper.revision
+
+    def freshness(self, endpoint: Endpoint) -> Freshness:
+        """Fetch time and staleness of one endpoint."""
+        daemon = self._daemon
+        health = daemon.board.endpoints.get(endpoint)
+        if health is None:
+            return Freshness(daemon.keeper.fetched_at.get(endpoint), False, enabled=False)
+        stale = health.state(trio.current_time()) == "stale"
+        return Freshness(daemon.keeper.fetched_at.get(endpoint), stale)
+
+    def frames_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
+        """Change frames after ``since``."""
+        return self._daemon.keeper.frames_since(since)
+
+    def subscribe(self, max_pending: int, after: int) -> Subscription:
+        """A live subscription to new frames."""
+        return self._daemon.keeper.subscribe(max_pending, after)
+
+    def health(self) -> Mapping[str, Any]:
+        """Health, revision, upstream state, budget, watchers and hooks, as JSON."""
+        return self._daemon.health()
+
+    def hook_status(self) -> Sequence[Any]:
+        """One record per hook."""
+        return self._daemon.hooks.status()
+
+    def versions(self) -> Sequence[str] | None:
+        """The api-versions upstream said it supports."""
+        return self._daemon.client.versions.available
+
+    async def approve(self, event_id: str) -> tuple[int, bytes]:
+        """Approve a scheduled event upstream, within the budget.
+
+        A transport failure after the retries (no HTTP answer at all) raises; an HTTP error
+        answer is reported with its status.
+        """
+        try:
+            await self._daemon.client.approve([event_id])
+        except GaveUp as exc:
+            if exc.status is None:
+                raise
+            return exc.status, msgspec.json.encode({"error": exc.reason})
+        return 200, msgspec.json.encode({"approved": event_id})
+
+
+class Daemon:
+    """Every part of ``imdsd run``, built from one configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        *,
+        notifier: Notifier | None = None,
+        inherited: Sequence[socket.socket] = (),
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier(None)
+        self.inherited = list(inherited)
+        self.keeper = StateKeeper(
+            load_store(config.state.directory, config.state.history), config.state.directory
+        )
+        self.board = HealthBoard()
+        self.budget = Budget(config.imds.max_requests_per_second)
+        self.metrics = Metrics()
+        self.client = ImdsClient(config.imds, self.budget)
+        self.hooks = HookDispatcher(
+            load_hooks(config),
+            self.keeper,
+            self.keeper.wait_for_revision,
+            config.server.socket,
+            config.hooks.max_parallel,
+        )
+        self.metrics.hooks = self.hooks.metrics
+        self.metrics.revision.track(lambda: self.keeper.revision)
+        self.metrics.budget_in_use.track(lambda: self.budget.in_use())  # noqa: PLW0108 - rebound on reload
+        self.keeper.listeners.append(lambda frame: self.metrics.count_changes(frame.changes))
+        self.api = ApiServer(DaemonContext(self), config.server, self.metrics)
+        self.serving = False
+        self.pollers_alive = False
+        self._pollers_scope = trio.CancelScope()
+        self._stop = trio.Event()
+        self._probe_path: str | None = None
+
+    # -- health ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """The ``/v1/health`` and ``imdsd status`` document."""
+        now = trio.current_time()
+        doc = self.board.to_json(now, time.time())
+        if self.keeper.snapshot is not None and doc["status"] == "starting":
+            doc["status"] = "degraded"  # serving persisted state, upstream not reached yet
+        doc.update(
+            version=__version__,
+            revision=self.keeper.revision,
+            oldest=self.keeper.store.oldest,
+            fetched_at={k: _rfc3339(v) for k, v in self.keeper.fetched_at.items()},
+            watchers=self.api.watchers.active,
+            connections=self.api.http.active,
+            state_save_failures=self.keeper.save_failures,
+            hooks={s.name: msgspec.to_builtins(s) for s in self.hooks.status()},
+        )
+        doc.update(self.client.status())
+        return doc
+
+    def status_line(self) -> str:
+        """A one-line human status for systemd's ``STATUS=``."""
+        status = self.board.status(trio.current_time())
+        return (
+            f"revision {self.keeper.revision}, upstream {status}, "
+            f"{self.api.watchers.active} watchers, budget {self.budget.rate:g} req/s"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until SIGTERM/SIGINT (or :meth:`stop`); ``started`` once READY."""
+        listeners = open_listeners(self.config.server, self.inherited)
+        self._probe_path = _unix_path(listeners[0].socket)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._handle_signals)
+            nursery.start_soon(self.keeper.run_saver)
+            api_scope = trio.CancelScope()
+            await nursery.start(self._run_api, listeners, api_scope)
+            await nursery.start(self.hooks.run)
+            nursery.start_soon(self._run_pollers)
+            if await self._ready_or_stopped():
+                log.info("ready", revision=self.keeper.revision, socket=self._probe_path)
+                self.notifier.ready(self.status_line())
+                task_status.started()
+                nursery.start_soon(self._report_status)
+                if self.notifier.watchdog_interval:
+                    nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                await self._stop.wait()
+            await self._shutdown(api_scope)
+            nursery.cancel_scope.cancel()
+
+    async def _ready_or_stopped(self) -> bool:
+        """Wait for the first snapshot or a stop request; True when ready."""
+        async with trio.open_nursery() as race:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(until, self.keeper.ready)
+            race.start_soon(until, self._stop)
+        return self.keeper.ready.is_set() and not self._stop.is_set()
+
+    def stop(self) -> None:
+        """Ask the daemon to stop gracefully."""
+        self._stop.set()
+
+    async def _run_api(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            self.serving = True
+            try:
+                await self.api.serve(listeners, task_status=task_status)
+            finally:
+                self.serving = False
+
+    async def _run_pollers(self) -> None:
+        while not self._stop.is_set():
+            self._pollers_scope = trio.CancelScope()
+            with self._pollers_scope:
+                self.pollers_alive = True
+                try:
+                    self.board = HealthBoard()
+                    await run_pollers(self.config, self.client, self.keeper, self.board)
+                finally:
+                    self.pollers_alive = False
+
+    async def _shutdown(self, api_scope: trio.CancelScope) -> None:
+        self.notifier.stopping("stopping")
+        log.info("stopping", revision=self.keeper.revision)
+        self._pollers_scope.cancel()
+        self.keeper.broadcaster.close()  # watch streams end with a final bookmark
+        with trio.move_on_after(WATCHERS_DRAIN):
+            while self.api.watchers.active:  # noqa: ASYNC110 - a plain counter
+                await trio.sleep(0.01)
+        api_scope.cancel()
+        clean = await self.hooks.shutdown(HOOK_SHUTDOWN_DEADLINE)
+        saved = await self.keeper.flush()
+        await self.client.aclose()
+        log.info("stopped", hooks_clean=clean, state_saved=saved)
+
+    async def _handle_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("signal received", signal=signal.Signals(signum).name)
+                    self.stop()
+
+    async def reload(self) -> bool:
+        """Re-read the configuration and apply it; keep the old one when it is invalid."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the running configuration", error=str(exc))
+            self.notifier.ready(self.status_line())
+            return False
+        old, self.config = self.config, new
+        configure_logging(new.log.level, new.log.format)
+        for key in ("socket", "socket_mode", "socket_group", "max_connections"):
+            if getattr(old.server, key) != getattr(new.server, key):
+                log.warning("setting needs a restart to apply", key=f"server.{key}")
+        if old.state != new.state:
+            log.warning("setting needs a restart to apply", key="state")
+        if old.imds != new.imds or old.poll != new.poll:
+            old_client = self.client
+            self.budget = Budget(new.imds.max_requests_per_second)
+            self.client = ImdsClient(new.imds, self.budget)
+            self._pollers_scope.cancel()  # _run_pollers restarts them with the new client
+            await old_client.aclose()
+        self.api.reconfigure(new.server)
+        self.hooks.replace_hooks(load_hooks(new))
+        self.hooks.set_max_parallel(new.hooks.max_parallel)
+        log.info("configuration reloaded", path=self.config_path)
+        self.notifier.ready(self.status_line())
+        return True
+
+    async def _report_status(self) -> None:
+        while True:
+            self.notifier.status(self.status_line())
+            with trio.move_on_after(STATUS_EVERY):
+                await self.keeper.wait_for_revision(self.keeper.revision)
+
+    async def probe_socket(self) -> bool:
+        """True when the socket answers ``/v1/health`` within a few seconds."""
+        if self._probe_path is None:
+            return self.serving
+        try:
+            with trio.fail_after(PROBE_TIMEOUT):
+                conn = ClientConnection(await open_unix(self._probe_path, PROBE_TIMEOUT))
+                try:
+                    reply = await conn.request("GET", "/v1/health", [("host", "imdsd")])
+                finally:
+                    await conn.aclose()
+        except (HttpIOError, trio.TooSlowError):
+            return False
+        return reply.status in (200, 503)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            if self.pollers_alive and self.serving and await self.probe_socket():
+                self.notifier.watchdog()
+            else:
+                log.warning("watchdog withheld", pollers=self.pollers_alive, serving=self.serving)
+            await trio.sleep(interval)
+
+
+def _rfc3339(unix: float) -> str:
+    from imdsd.store import format_timestamp
+
+    return format_timestamp(unix)
+
+
+def _unix_path(sock: Any) -> str | None:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"imdsd: {message}\n")
+    return code
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``imdsd run [-c FILE]``: run the daemon in the foreground."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    configure_logging(config.log.level, config.log.format)
+    notifier = Notifier.from_env()
+    try:
+        inherited = [sock for sock, _name in listen_fds()]
+    except SystemdError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    try:
+        daemon = Daemon(config, args.config, notifier=notifier, inherited=inherited)
+        trio.run(daemon.run)
+    except ListenError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except PersistError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    finally:
+        notifier.close()
+    return EXIT_OK
