@@ -1,0 +1,26 @@
+"""The local API on the unix socket (CONTRACT section 3).
+
+- :mod:`imdsd.api.context`: :class:`ApiContext`, what the API needs from the daemon.
+- :mod:`imdsd.api.routes`: request -> reply (sans-IO), cached per revision.
+- :mod:`imdsd.api.access`: restricted paths, peer credentials policy, redaction (sans-IO).
+- :mod:`imdsd.api.lines`: NDJSON frame lines encoded once per revision (sans-IO).
+- :mod:`imdsd.api.watch`: watch streams and long polls (trio).
+- :mod:`imdsd.api.metrics`: Prometheus metrics registry.
+- :mod:`imdsd.api.server`: listeners and dispatch (trio).
+"""
+
+from imdsd.api.access import AccessPolicy, Peer
+from imdsd.api.context import ApiContext, Freshness
+from imdsd.api.metrics import Metrics
+from imdsd.api.server import ApiServer, ListenError, open_listeners
+
+__all__ = [
+    "AccessPolicy",
+    "ApiContext",
+    "ApiServer",
+    "Freshness",
+    "ListenError",
+    "Metrics",
+    "Peer",
+    "open_listeners",
+]

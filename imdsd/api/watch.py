@@ -1,0 +1,245 @@
+"""Watch streams (``/v1/watch``) and long polls (``/v1/events``): the trio side of frames.
+
+Each watcher subscribes to live frames *before* it reads the state or replays history (no
+await in between), then skips live frames it already sent, so nothing falls into the gap
+and nothing is sent twice. Lines come from the shared :class:`~imdsd.api.lines.FrameLines`
+cache. A sibling task waits for the peer to leave so dead watchers are dropped at once. A
+write that does not complete within ``write_timeout`` (a peer that stopped reading) closes the
+stream: its subscription has long overflowed and been dropped by then, so it costs nothing
+meanwhile. When the daemon stops (the broadcaster closes), each stream ends with a final
+bookmark naming the revision to resume from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+import trio
+
+from imdsd.api.context import ApiContext
+from imdsd.api.lines import FrameLines, bookmark_line, events_body, gone_line, overflow_line
+from imdsd.api.metrics import Metrics
+from imdsd.api.routes import JSON_TYPE, EventsCall, Router, WatchCall, error
+from imdsd.broadcast import Overflowed, Subscription
+from imdsd.frames import ChangeFrame, GoneFrame
+from imdsd.httpio import HttpIOError, Responder
+
+log = structlog.get_logger("imdsd.api.watch")
+
+NDJSON_HEADERS = [
+    (b"content-type", b"application/x-ndjson"),
+    (b"cache-control", b"no-store"),
+]
+JSON_HEADERS = [(b"content-type", JSON_TYPE), (b"cache-control", b"no-store")]
+
+
+class _Stuck(Exception):
+    """A write did not complete in time."""
+
+
+class _Progress:
+    """A long poll's answer so far: the last revision looked at and the matching lines."""
+
+    __slots__ = ("last", "lines")
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.lines: list[bytes] = []
+
+
+class Watchers:
+    """Serves watch streams and long polls; ``active`` counts the open ones."""
+
+    def __init__(
+        self,
+        ctx: ApiContext,
+        router: Router,
+        lines: FrameLines,
+        metrics: Metrics,
+        *,
+        heartbeat: float,
+        max_pending: int = 1024,
+        write_timeout: float = 30.0,
+    ) -> None:
+        self.ctx = ctx
+        self.router = router
+        self.lines = lines
+        self.metrics = metrics
+        self.heartbeat = heartbeat
+        self.max_pending = max_pending
+        self.write_timeout = write_timeout
+        self.active = 0
+
+    async def _guarded(self, responder: Responder, body: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``body`` until it ends or the peer leaves; True when the peer left."""
+        left = False
+
+        async def watch_peer(scope: trio.CancelScope) -> None:
+            nonlocal left
+            await responder.wait_peer_closed()
+            left = True
+            scope.cancel()
+
+        self.active += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_peer, nursery.cancel_scope)
+                try:
+                    await body()
+                except (HttpIOError, _Stuck):
+                    left = True
+                nursery.cancel_scope.cancel()
+        finally:
+            self.active -= 1
+        return left
+
+    async def _write(self, responder: Responder, data: bytes) -> None:
+        with trio.move_on_after(self.write_timeout) as timer:
+            await responder.write(data)
+        if timer.cancelled_caught:
+            raise _Stuck
+
+    def _subscribe(self, after: int) -> Subscription | None:
+        try:
+            return self.ctx.subscribe(self.max_pending, after)
+        except trio.ClosedResourceError:
+            return None
+
+    # ------------------------------------------------------------------ /v1/watch
+
+    async def stream(self, call: WatchCall, responder: Responder) -> None:
+        """Serve one ``/v1/watch`` request until the peer leaves, overflow or shutdown."""
+        responder.close_after = True
+        after = self.ctx.revision if call.since is None else call.since
+        subscription = self._subscribe(after)
+        if subscription is None:
+            reply = error(503, "imdsd is stopping")
+            await responder.send(reply.status, reply.headers, reply.body)
+            return
+        with subscription:
+            first: list[bytes] = []
+            backlog: list[ChangeFrame] = []
+            if call.since is None:
+                state = self.router.state_line(call.level)
+                if state is None:
+                    reply = error(503, "no instance document yet: imdsd is starting")
+                    await responder.send(reply.status, reply.headers, reply.body)
+                    return
+                last, line = state
+                first.append(line)
+            else:
+                found = self.ctx.frames_since(call.since)
+                if isinstance(found, GoneFrame):
+                    await responder.start(200, NDJSON_HEADERS)
+                    await responder.write(gone_line(found.oldest))
+                    await responder.end()
+                    return
+                last, backlog = call.since, found
+
+            async def run() -> None:
+                await responder.start(200, NDJSON_HEADERS)
+                for line in first:
+                    await self._write(responder, line)
+                await self._follow(call, responder, subscription, backlog, last)
+
+            await self._guarded(responder, run)
+
+    async def _follow(
+        self,
+        call: WatchCall,
+        responder: Responder,
+        subscription: Subscription,
+        backlog: list[ChangeFrame],
+        last: int,
+    ) -> None:
+        for frame in backlog:
+            line = self.lines.line(frame, call.kinds, call.level)
+            if line is not None:
+                await self._write(responder, line)
+            last = frame.revision
+        while True:
+            try:
+                with trio.move_on_after(self.heartbeat) as timer:
+                    frame = await subscription.receive()
+            except Overflowed:
+                self.metrics.watch_overflow()
+                await self._write(responder, overflow_line(last))
+                await responder.end()
+                return
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                await self._write(responder, bookmark_line(last))
+                await responder.end()
+                return
+            if timer.cancelled_caught:
+                await self._write(responder, bookmark_line(last))
+                continue
+            if frame.revision <= last:
+                continue
+            line = self.lines.line(frame, call.kinds, call.level)
+            if line is not None:
+                await self._write(responder, line)
+            last = frame.revision
+
+    # ------------------------------------------------------------------ /v1/events
+
+    async def poll(self, call: EventsCall, responder: Responder) -> None:
+        """Serve one ``/v1/events`` long poll."""
+        subscription = self._subscribe(call.since)
+        if subscription is None:
+            reply = error(503, "imdsd is stopping")
+            await responder.send(reply.status, reply.headers, reply.body)
+            return
+        with subscription:
+            found = self.ctx.frames_since(call.since)
+            if isinstance(found, GoneFrame):
+                reply = error(
+                    410,
+                    f"revision {call.since} is not in the kept history; "
+                    f"the oldest revision to resume from is {found.oldest}",
+                    oldest=found.oldest,
+                )
+                await responder.send(reply.status, reply.headers, reply.body)
+                return
+            progress = _Progress(call.since)
+            self._take(call, found, progress)
+            if not progress.lines and call.wait > 0:
+
+                async def wait() -> None:
+                    with trio.move_on_after(call.wait):
+                        await self._wait_for_lines(call, subscription, progress)
+
+                if await self._guarded(responder, wait):
+                    return
+            await responder.send(200, JSON_HEADERS, events_body(progress.last, progress.lines))
+
+    def _take(self, call: EventsCall, frames: list[ChangeFrame], progress: _Progress) -> None:
+        for frame in frames:
+            if frame.revision <= progress.last:
+                continue
+            line = self.lines.line(frame, call.kinds, call.level)
+            if line is not None:
+                progress.lines.append(line)
+            progress.last = frame.revision
+
+    async def _wait_for_lines(
+        self, call: EventsCall, subscription: Subscription, progress: _Progress
+    ) -> None:
+        """Receive live frames until one matches, then take whatever else is pending."""
+        while not progress.lines:
+            try:
+                frame = await subscription.receive()
+            except Overflowed:
+                found = self.ctx.frames_since(progress.last)
+                if not isinstance(found, GoneFrame):
+                    self._take(call, found, progress)
+                return
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            self._take(call, [frame], progress)
+        while True:
+            try:
+                frame = subscription.receive_nowait()
+            except (trio.WouldBlock, Overflowed, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            self._take(call, [frame], progress)
