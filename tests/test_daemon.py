@@ -1,0 +1,237 @@
+"""``imdsd run`` as a real process: systemd notify, reload, graceful stop, restart semantics,
+socket activation and at-least-once hooks across a SIGKILL."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+from daemon_support import NotifySocket, daemon, emulator, python_hook, write_config
+
+from imdsd.client import AsyncClient
+from imdsd.frames import ChangeFrame, StateFrame, decode_frame
+from imdsd.httpio import ClientConnection, open_unix
+
+pytestmark = pytest.mark.slow
+
+
+async def test_notify_ready_status_watchdog_and_stop(tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    await notify.bind()
+    async with emulator() as emu, trio.open_nursery() as nursery:
+        nursery.start_soon(notify.collect)
+        env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"}
+        async with daemon(write_config(tmp_path, emu.endpoint), env) as proc:
+            await notify.wait_for("READY=1")
+            await proc.wait_ready()
+            ready_at = next(t for t, m in notify.messages if "READY=1" in m)
+            await trio.sleep(1.5)
+            beats = [t for t, m in notify.messages if m == "WATCHDOG=1" and t > ready_at]
+            assert len(beats) >= 4, notify.messages
+            assert max(b - a for a, b in itertools.pairwise(beats)) < 0.6
+            assert any(line.startswith("STATUS=revision ") for line in notify.lines())
+            assert await proc.stop() == 0
+            assert "STOPPING=1" in notify.lines()
+        nursery.cancel_scope.cancel()
+    notify.close()
+
+
+async def test_reload_applies_valid_and_keeps_old_on_invalid(tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    await notify.bind()
+    async with emulator() as emu, trio.open_nursery() as nursery:
+        nursery.start_soon(notify.collect)
+        config = write_config(tmp_path, emu.endpoint)
+        async with daemon(config, {"NOTIFY_SOCKET": notify.path}) as proc:
+            await proc.wait_ready()
+            await notify.wait_for("READY=1")
+            marker = tmp_path / "hook-ran"
+            hook = python_hook(
+                tmp_path / "hook.py", f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+            )
+            config.write_text(
+                config.read_text()
+                + f'[[hook]]\nname = "added"\non = ["tags"]\ncommand = ["{hook}"]\n'
+            )
+            proc.signal(signal.SIGHUP)
+            with trio.fail_after(10):
+                while not any(
+                    e.get("event") == "configuration reloaded" for e in proc.log_events()
+                ):
+                    await trio.sleep(0.05)
+            assert notify.lines().count("RELOADING=1") == 1
+            await emu.action(action="set_tag", name="after-reload", value="1")
+            with trio.fail_after(10):
+                while not marker.exists():
+                    await trio.sleep(0.05)
+
+            config.write_text(config.read_text() + "\n[imds]\nmax_requests_per_second = 9\n")
+            proc.signal(signal.SIGHUP)
+            with trio.fail_after(10):
+                while not any(
+                    e.get("event", "").startswith("reload failed") for e in proc.log_events()
+                ):
+                    await trio.sleep(0.05)
+            assert notify.lines().count("RELOADING=1") == 2
+            assert notify.lines().count("READY=1") == 3
+            assert (await proc.get("/v1/health")).status == 200
+            assert await proc.stop() == 0
+        nursery.cancel_scope.cancel()
+    notify.close()
+
+
+async def test_sigterm_with_watchers_ends_streams_and_exits_0(tmp_path: Path) -> None:
+    async with emulator() as emu, daemon(write_config(tmp_path, emu.endpoint)) as proc:
+        await proc.wait_ready()
+        conns = [ClientConnection(await open_unix(proc.socket, 5)) for _ in range(5)]
+        readers = []
+        for conn in conns:
+            head, next_line = await conn.stream_lines("GET", "/v1/watch", [("host", "imdsd")])
+            assert head.status == 200
+            readers.append(next_line)
+        started = trio.current_time()
+        proc.signal(signal.SIGTERM)
+        for next_line in readers:
+            lines = []
+            with trio.fail_after(5):
+                while (line := await next_line()) is not None:
+                    lines.append(decode_frame(line))
+            assert isinstance(lines[0], StateFrame)
+            assert lines[-1].__class__.__name__ == "BookmarkFrame"
+        assert await proc.stop() == 0
+        assert trio.current_time() - started < 5
+        for conn in conns:
+            await conn.aclose()
+
+
+async def test_restart_reports_offline_changes_once(tmp_path: Path) -> None:
+    async with emulator() as emu:
+        config = write_config(tmp_path, emu.endpoint)
+        async with daemon(config) as proc:
+            await proc.wait_ready()
+            revision = msgspec.json.decode((await proc.get("/v1/state")).body)["revision"]
+            assert await proc.stop() == 0
+        await emu.action(action="set_tag", name="offline", value="yes")
+        async with daemon(config) as proc:
+            await proc.wait_ready()
+            with trio.fail_after(10):
+                while True:
+                    body = msgspec.json.decode(
+                        (await proc.get(f"/v1/events?since={revision}&wait=5s")).body
+                    )
+                    if body["frames"]:
+                        break
+            await trio.sleep(2.5)  # more polls of the same document
+            body = msgspec.json.decode(
+                (await proc.get(f"/v1/events?since={revision}&wait=0s")).body
+            )
+            frames = body["frames"]
+            assert len(frames) == 1, frames
+            assert [(c["kind"], c["op"], c["key"]) for c in frames[0]["changes"]] == [
+                ("tags", "added", "offline")
+            ]
+            assert frames[0]["revision"] > revision
+            assert await proc.stop() == 0
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate"
+)
+async def test_socket_activation(tmp_path: Path) -> None:
+    listen = str(tmp_path / "activated.sock")
+    async with emulator() as emu:
+        config = write_config(tmp_path, emu.endpoint)
+        prefix = ["systemd-socket-activate", "-l", listen, "--fdname=api"]
+        async with daemon(config, argv_prefix=prefix) as proc:
+            proc.socket = listen
+            await proc.wait_ready()
+            reply = await proc.get("/metadata/instance/compute/vmSize?format=text")
+            assert reply.status == 200
+            assert not (tmp_path / "imdsd.sock").exists()  # the configured socket was not bound
+            assert await proc.stop() == 0
+
+
+async def test_hooks_delivered_at_least_once_across_sigkill(tmp_path: Path) -> None:
+    record = tmp_path / "deliveries"
+    hook = python_hook(
+        tmp_path / "slow-hook.py",
+        "import json, os, sys, time\n"
+        "frame = json.loads(sys.stdin.readline())\n"
+        f"open({str(record)!r} + '.started', 'a').write(os.environ['IMDSD_REVISION'] + '\\n')\n"
+        "time.sleep(float(os.environ.get('SLOW', '0')))\n"
+        f"open({str(record)!r}, 'a').write(json.dumps(frame) + '\\n')\n",
+    )
+    extra = f'[[hook]]\nname = "slow"\non = ["tags"]\ncommand = ["{hook}"]\ntimeout = "30s"\n'
+    async with emulator() as emu:
+        config = write_config(tmp_path, emu.endpoint, extra)
+        async with daemon(config, {"SLOW": "30"}) as proc:
+            await proc.wait_ready()
+            await emu.action(action="set_tag", name="during-kill", value="1")
+            with trio.fail_after(10):
+                while not (tmp_path / "deliveries.started").exists():
+                    await trio.sleep(0.05)
+            proc.process.kill()  # SIGKILL while the hook runs
+            await proc.process.wait()
+        async with daemon(config, {"SLOW": "0"}) as proc:
+            await proc.wait_ready()
+            with trio.fail_after(10):
+                while not record.exists():
+                    await trio.sleep(0.05)
+            delivered = [msgspec.json.decode(line) for line in record.read_text().splitlines()]
+            keys = [c["key"] for frame in delivered for c in frame["changes"]]
+            assert "during-kill" in keys
+            assert await proc.stop() == 0
+
+
+async def test_client_library_against_the_daemon(tmp_path: Path) -> None:
+    async with emulator() as emu, daemon(write_config(tmp_path, emu.endpoint)) as proc:
+        await proc.wait_ready()
+        async with AsyncClient(proc.socket) as client:
+            assert await client.get("compute/vmSize", format="text") == "Standard_A3"
+            state = await client.state()
+            seen: list[str] = []
+            async with trio.open_nursery() as nursery:
+
+                async def follow() -> None:
+                    from contextlib import aclosing
+
+                    async with aclosing(
+                        client.watch(since=state["revision"], kinds=["disks"])
+                    ) as frames:
+                        async for frame in frames:
+                            if isinstance(frame, ChangeFrame):
+                                seen.extend(f"{c.op} {c.key}" for c in frame.changes)
+                                nursery.cancel_scope.cancel()
+
+                nursery.start_soon(follow)
+                await emu.action(action="set_tag", name="ignored", value="by kinds")
+                await emu.action(action="attach_disk", lun=3, size_gb=64)
+                with trio.fail_after(10):
+                    await trio.sleep_forever()
+            assert seen == ["attached lun:3"]
+        assert await proc.stop() == 0
+
+
+def test_run_with_bad_config_exits_78(tmp_path: Path) -> None:
+    import subprocess
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[imds]\nmax_requests_per_second = 0\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "imdsd", "run", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ},
+    )
+    assert done.returncode == 78
+    assert "imds.max_requests_per_second" in done.stderr
+    assert "Traceback" not in done.stderr
