@@ -48,6 +48,15 @@ def load_store(directory: str, history: int) -> Store[Snapshot]:
     return store
 
 
+def _appeared(old: Snapshot, new: Snapshot) -> bool:
+    """True when a document readers could not see before is now known (or became absent)."""
+    return (
+        (old.scheduled_events is None and new.scheduled_events is not None)
+        or (old.loadbalancer is None and new.loadbalancer is not None)
+        or (old.loadbalancer_absent != new.loadbalancer_absent and new.loadbalancer is None)
+    )
+
+
 class StateKeeper:
     """Owns the store's write path; it is the pollers' sink and the hooks' ledger."""
 
@@ -117,7 +126,8 @@ class StateKeeper:
             now = time.time()
             before = self.store.revision
             current = self.store.snapshot or Snapshot()
-            frame = self.store.apply(msgspec.structs.replace(current, **fields), now)
+            new = msgspec.structs.replace(current, **fields)
+            frame = self.store.apply(new, now, new_content=_appeared(current, new))
             self.fetched_at[endpoint] = now
             if self.store.must_save:
                 await self._save()

@@ -161,11 +161,15 @@ class Store(Generic[S]):
         """Maximum number of change frames kept."""
         return self._frames.maxlen or 0
 
-    def apply(self, snapshot: S, now: datetime | float) -> ChangeFrame | None:
+    def apply(
+        self, snapshot: S, now: datetime | float, *, new_content: bool = False
+    ) -> ChangeFrame | None:
         """Make ``snapshot`` current; return the change frame of the new revision, if any.
 
         A baseline (no current snapshot) takes a new revision but returns None; a snapshot
-        without changes keeps the revision and returns None.
+        without changes keeps the revision and returns None, unless ``new_content`` says it
+        holds something readers could not see before (e.g. a document that appeared for the
+        first time): then it takes a revision without a frame, so ETags stay truthful.
         """
         if not isinstance(snapshot, self.snapshot_type):
             raise TypeError(
@@ -178,12 +182,18 @@ class Store(Generic[S]):
             self._revision += 1
             self._oldest = self._revision
             self._frames.clear()
+            # A baseline has no changes to deliver: hooks are up to date with it.
+            for hook in self._hooks:
+                self._hooks[hook] = self._revision
             self._changed(critical=True)
             return None
         changes = self._diff(previous, snapshot)
         self._snapshot = snapshot
         if not changes:
-            if snapshot != previous:
+            if new_content:
+                self._revision += 1
+                self._changed(critical=True)
+            elif snapshot != previous:
                 self._changed(critical=False)
             return None
         self._revision += 1

@@ -429,3 +429,28 @@ def test_random_sequences_keep_revisions_history_and_resume_exact(
                 assert got == [f for f in published if f.revision > since]
     revisions = [f.revision for f in published]
     assert revisions == sorted(set(revisions))
+
+
+def test_new_content_without_changes_takes_a_revision_without_a_frame() -> None:
+    store = Store(diff=lambda a, b: [], snapshot_type=_AppearSnap, history=8)
+    store.apply(_AppearSnap(a=1), 0.0)
+    assert store.revision == 1
+    assert store.apply(_AppearSnap(a=1, b=2), 1.0, new_content=True) is None
+    assert store.revision == 2
+    assert store.must_save
+    assert store.frames_since(1) == []
+    assert store.apply(_AppearSnap(a=1, b=3), 2.0) is None
+    assert store.revision == 2
+
+
+class _AppearSnap(msgspec.Struct, frozen=True):
+    a: int = 0
+    b: int = 0
+
+
+def test_baseline_brings_hook_marks_up_to_date() -> None:
+    store = Store(diff=lambda a, b: [], snapshot_type=_AppearSnap, history=8)
+    store.mark_delivered("h", 0)
+    store.apply(_AppearSnap(a=1), 0.0)
+    assert store.delivered("h") == 1
+    assert store.frames_since(1) == []
