@@ -1,0 +1,395 @@
+"""The hook dispatcher (trio shell): wakes hooks when the revision advances and runs them.
+
+One task per hook drives its :class:`HookSchedule`; a ``trio.CapacityLimiter`` bounds how
+many hook processes run at once. The only input is "the ledger's revision advanced": every
+frame a run receives is computed from the ledger, never queued.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import structlog
+import trio
+
+from imdsd.frames import KINDS, encode_line
+from imdsd.hooks.ledger import HookLedger, WaitForRevision
+from imdsd.hooks.model import Hook
+from imdsd.hooks.runner import (
+    KILL_GRACE,
+    OUTPUT_CAP,
+    READ_TAIL,
+    RunResult,
+    hook_environment,
+    run_hook_process,
+)
+from imdsd.hooks.schedule import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    Delivery,
+    HookSchedule,
+    Outcome,
+    Ready,
+    Verdict,
+    WaitUntil,
+)
+from imdsd.hooks.sources import check_hook_file
+from imdsd.hooks.stats import HookMetrics, HookStatus, LastRun
+
+log = structlog.get_logger("imdsd.hooks")
+
+_SPURIOUS_WAKE_PAUSE = 0.1
+
+
+def _timestamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Worker:
+    """One hook's task state: its schedule, wake-up event and last run."""
+
+    def __init__(self, schedule: HookSchedule) -> None:
+        self.schedule = schedule
+        self.wake = trio.Event()
+        self.scope = trio.CancelScope()
+        self.removed = False
+        self.started = False
+        self.last_run: LastRun | None = None
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+class HookDispatcher:
+    """Runs ``hooks`` on the changes stored in ``ledger``, at least once each.
+
+    ``wait_for_revision(rev)`` must return once ``ledger.revision > rev``. Hook runs get
+    ``IMDSD_SOCKET=socket_path``; at most ``max_parallel`` run at once. The keyword options
+    exist for tests (shorter kill grace and backoff). An unexpected error in a hook's task
+    is logged and the hook carries on after ``backoff_base`` seconds; it never ends the
+    dispatcher.
+    """
+
+    def __init__(
+        self,
+        hooks: Iterable[Hook],
+        ledger: HookLedger,
+        wait_for_revision: WaitForRevision,
+        socket_path: str,
+        max_parallel: int,
+        *,
+        kill_grace: float = KILL_GRACE,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
+        output_cap: int = OUTPUT_CAP,
+        read_tail: float = READ_TAIL,
+        euid: int | None = None,
+    ) -> None:
+        self._ledger = ledger
+        self._wait_for_revision = wait_for_revision
+        self._socket_path = socket_path
+        self._limiter = trio.CapacityLimiter(max_parallel)
+        self._kill_grace = kill_grace
+        self._backoff = (backoff_base, backoff_cap)
+        self._output_cap = output_cap
+        self._read_tail = read_tail
+        self._euid = os.geteuid() if euid is None else euid
+        self._workers: dict[str, _Worker] = {}
+        self._nursery: trio.Nursery | None = None
+        self._cancel = trio.CancelScope()
+        self._done = trio.Event()
+        self._stopping = False
+        self._running = 0
+        self._run_ended = trio.Event()
+        self.metrics = HookMetrics()
+        """Counters per hook, for /metrics."""
+        self.replace_hooks(hooks)
+
+    @property
+    def hooks(self) -> list[Hook]:
+        """The current hook definitions."""
+        return [w.schedule.hook for w in self._workers.values() if not w.removed]
+
+    def set_max_parallel(self, max_parallel: int) -> None:
+        """Change how many hooks may run at once (on reload)."""
+        self._limiter.total_tokens = max_parallel
+
+    def replace_hooks(self, hooks: Iterable[Hook]) -> None:
+        """Switch to a new hook set (SIGHUP), by name.
+
+        An unchanged hook keeps all its state; a changed one keeps its delivered revision and
+        counters, and a pending retry is due again with fresh attempts. A removed hook's
+        running process finishes but its delivery is not recorded. Delivery marks of hooks no
+        longer configured are dropped from the ledger.
+        """
+        wanted: dict[str, Hook] = {}
+        for hook in hooks:
+            if hook.name in wanted:
+                log.error("hook skipped", hook=hook.name, reason="duplicate name")
+                continue
+            wanted[hook.name] = hook
+        for name, worker in list(self._workers.items()):
+            if name not in wanted and not worker.removed:
+                worker.removed = True
+                if not worker.started:
+                    del self._workers[name]
+                elif not worker.schedule.running:
+                    worker.scope.cancel()
+                log.info("hook removed", hook=name)
+        for name, hook in wanted.items():
+            existing = self._workers.get(name)
+            if existing is None:
+                self._add(hook)
+                continue
+            worker = self._revive(existing) if existing.removed else existing
+            if worker.schedule.hook != hook:
+                worker.schedule.update(hook)
+                log.info("hook changed", hook=name)
+            worker.poke()
+        self._ledger.forget_hooks(wanted)
+
+    def _add(self, hook: Hook) -> None:
+        schedule = HookSchedule(
+            hook, self._ledger, backoff_base=self._backoff[0], backoff_cap=self._backoff[1]
+        )
+        worker = _Worker(schedule)
+        self._workers[hook.name] = worker
+        self.metrics.of(hook.name)
+        if schedule.fresh:
+            log.info("hook added", hook=hook.name, starts_after=schedule.delivered)
+        if self._nursery is not None:
+            self._start(worker, self._nursery)
+
+    def _revive(self, worker: _Worker) -> _Worker:
+        """A removed hook that is back before its task ended keeps its schedule."""
+        worker.schedule.remark()
+        if not worker.scope.cancel_called:
+            worker.removed = False
+            return worker
+        revived = _Worker(worker.schedule)
+        revived.last_run = worker.last_run
+        self._workers[worker.schedule.hook.name] = revived
+        if self._nursery is not None:
+            self._start(revived, self._nursery)
+        return revived
+
+    def _start(self, worker: _Worker, nursery: trio.Nursery) -> None:
+        if not worker.started:
+            worker.started = True
+            nursery.start_soon(self._serve, worker, name=f"hook {worker.schedule.hook.name}")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dispatch until cancelled or :meth:`shutdown`; ready once every hook is followed."""
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    for worker in list(self._workers.values()):
+                        self._start(worker, nursery)
+                    task_status.started()
+                    await self._follow_revisions()
+        finally:
+            self._nursery = None
+            self._done.set()
+
+    async def shutdown(self, timeout: float) -> bool:
+        """Start no more runs, wait up to ``timeout`` s for running ones, then kill the rest.
+
+        Returns True when nothing had to be killed. Undelivered changes stay pending in the
+        ledger and are delivered after the next start.
+        """
+        self._stopping = True
+        for worker in self._workers.values():
+            worker.poke()
+        with trio.move_on_after(timeout):
+            while self._running:
+                await self._run_ended.wait()
+        clean = self._running == 0
+        if not clean:
+            log.warning("hooks killed at shutdown", running=self._running)
+        self._cancel.cancel()
+        if any(w.started for w in self._workers.values()):
+            await self._done.wait()
+        return clean
+
+    def status(self) -> list[HookStatus]:
+        """Each hook's state for ``imdsd status``."""
+        try:
+            now: float | None = trio.current_time()
+        except RuntimeError:
+            now = None
+        out: list[HookStatus] = []
+        for worker in self._workers.values():
+            schedule = worker.schedule
+            hook = schedule.hook
+            retry_at = schedule.retry_at
+            out.append(
+                HookStatus(
+                    name=hook.name,
+                    kinds=[k for k in KINDS if k in hook.kinds],
+                    source=hook.source,
+                    running=schedule.running,
+                    delivered_revision=schedule.delivered,
+                    pending_revisions=schedule.pending_revisions(),
+                    failures=schedule.failures,
+                    retry_in=None
+                    if retry_at is None or now is None
+                    else round(max(0.0, retry_at - now), 3),
+                    last_run=worker.last_run,
+                )
+            )
+        return out
+
+    async def _follow_revisions(self) -> None:
+        seen = self._ledger.revision
+        while True:
+            await self._wait_for_revision(seen)
+            revision = self._ledger.revision
+            if revision == seen:
+                log.warning("spurious revision wake-up", revision=revision)
+                await trio.sleep(_SPURIOUS_WAKE_PAUSE)
+                continue
+            seen = revision
+            now = trio.current_time()
+            for worker in self._workers.values():
+                worker.schedule.revision_advanced(now)
+                worker.poke()
+
+    async def _serve(self, worker: _Worker) -> None:
+        with worker.scope:
+            while not worker.removed:
+                try:
+                    await self._step(worker)
+                except Exception:
+                    worker.schedule.abandon()
+                    log.exception("hook worker error", hook=worker.schedule.hook.name)
+                    await trio.sleep(self._backoff[0])
+        name = worker.schedule.hook.name
+        if self._workers.get(name) is worker and worker.removed:
+            del self._workers[name]
+
+    async def _step(self, worker: _Worker) -> None:
+        """Do what the schedule says next: run, wait for a deadline, or wait for a change."""
+        worker.wake = trio.Event()
+        action = None if self._stopping else worker.schedule.next_action(trio.current_time())
+        if isinstance(action, Ready):
+            await self._deliver(worker)
+        elif isinstance(action, WaitUntil):
+            with trio.move_on_at(action.at):
+                await worker.wake.wait()
+        else:
+            await worker.wake.wait()
+
+    async def _deliver(self, worker: _Worker) -> None:
+        async with self._limiter:
+            if self._stopping or worker.removed:
+                return
+            schedule = worker.schedule
+            hook = schedule.hook
+            delivery = schedule.start(trio.current_time())
+            if delivery.gone_oldest is not None:
+                log.warning(
+                    "hook history incomplete",
+                    hook=hook.name,
+                    oldest=delivery.gone_oldest,
+                    detail="changes older than the kept history were not delivered",
+                )
+            if delivery.frame is None:
+                log.debug("hook changes cancelled out", hook=hook.name, upto=delivery.upto)
+                return
+            self._running += 1
+            try:
+                result = await self._attempt(hook, delivery)
+            except BaseException:
+                schedule.abandon()
+                raise
+            finally:
+                self._running -= 1
+                self._run_ended.set()
+                self._run_ended = trio.Event()
+        self._record(worker, hook, delivery, result)
+
+    async def _attempt(self, hook: Hook, delivery: Delivery) -> RunResult:
+        frame = delivery.frame
+        assert frame is not None
+        if hook.directory_kind is not None:
+            reason = check_hook_file(hook.command[0], self._euid)
+            if reason is not None:
+                return RunResult(
+                    exit_code=None, timed_out=False, duration=0.0, error=f"refused: {reason}"
+                )
+        return await run_hook_process(
+            hook.argv(frame.revision),
+            encode_line(frame),
+            hook_environment(frame, self._socket_path),
+            timeout=hook.timeout,
+            run_as=hook.run_as,
+            kill_grace=self._kill_grace,
+            output_cap=self._output_cap,
+            read_tail=self._read_tail,
+        )
+
+    def _record(self, worker: _Worker, hook: Hook, delivery: Delivery, result: RunResult) -> None:
+        counters = self.metrics.of(hook.name)
+        counters.runs += 1
+        counters.duration_sum += result.duration
+        counters.duration_count += 1
+        if result.timed_out:
+            counters.timeouts += 1
+            outcome = Outcome.TIMEOUT
+        elif not result.ok:
+            counters.failures += 1
+            outcome = Outcome.FAILED
+        else:
+            outcome = Outcome.OK
+        if worker.removed:
+            worker.schedule.abandon()
+            verdict = Verdict(result=outcome.value, attempts=delivery.attempt)
+        else:
+            verdict = worker.schedule.finished(trio.current_time(), outcome)
+        if verdict.result == "gave-up":
+            counters.give_ups += 1
+        worker.last_run = LastRun(
+            at=_timestamp(),
+            result=verdict.result,
+            exit_code=result.exit_code,
+            duration=round(result.duration, 6),
+        )
+        _log_run(hook, delivery, result, outcome, verdict)
+
+
+def _log_run(
+    hook: Hook, delivery: Delivery, result: RunResult, outcome: Outcome, verdict: Verdict
+) -> None:
+    """One log event per attempt, with its output, exit status and duration."""
+    frame = delivery.frame
+    assert frame is not None
+    fields: dict[str, object] = {
+        "hook": hook.name,
+        "revision": frame.revision,
+        "attempt": delivery.attempt,
+        "result": outcome.value,
+        "exit_code": result.exit_code,
+        "duration": round(result.duration, 3),
+    }
+    if frame.covers is not None:
+        fields["covers"] = frame.covers
+    if result.output:
+        fields["output"] = result.output.decode("utf-8", "replace").rstrip("\n")
+    if result.dropped:
+        fields["output_dropped"] = result.dropped
+    if result.leftovers:
+        fields["leftovers_killed"] = True
+    if result.error is not None:
+        fields["error"] = result.error
+    if verdict.result == "gave-up":
+        log.error("hook gave up", retries=hook.retries, **fields)
+    elif outcome is Outcome.OK:
+        log.info("hook finished", **fields)
+    else:
+        retry_in = None if verdict.retry_at is None else verdict.retry_at - trio.current_time()
+        log.warning(
+            "hook failed", retry_in=None if retry_in is None else round(retry_in, 3), **fields
+        )
