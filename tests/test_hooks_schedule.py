@@ -235,3 +235,14 @@ def test_remark_restores_a_forgotten_mark() -> None:
 )
 def test_backoff_doubles_up_to_a_cap(failures: int, delay: float) -> None:
     assert backoff_delay(failures) == delay
+
+
+def test_a_mark_moved_by_the_ledger_is_taken_without_a_gone() -> None:
+    ledger = FakeLedger()
+    hook = Hook("h", frozenset({"tags"}), ("/bin/true",))
+    schedule = HookSchedule(hook, ledger)
+    ledger.revision = 1  # a baseline: a revision without a frame
+    ledger.oldest = 1
+    ledger.mark_delivered("h", 1)
+    assert schedule.next_action(0.0) == IDLE
+    assert schedule.delivered == 1

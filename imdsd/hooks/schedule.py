@@ -149,6 +149,12 @@ class HookSchedule:
         """Write the delivered revision to the ledger again (after it forgot this hook)."""
         self._ledger.mark_delivered(self._hook.name, self._delivered)
 
+    def _catch_up(self) -> None:
+        """Take a delivered mark the ledger moved ahead (a baseline has nothing to deliver)."""
+        known = self._ledger.delivered(self._hook.name)
+        if known is not None and known > self._delivered:
+            self._delivered = known
+
     def revision_advanced(self, now: float) -> None:
         """Note that the ledger's revision advanced at ``now`` (opens the debounce window)."""
         covered = self._in_flight.upto if self._in_flight is not None else self._delivered
@@ -161,6 +167,7 @@ class HookSchedule:
             return IDLE
         if self._retry_at is not None:
             return READY if now >= self._retry_at else WaitUntil(self._retry_at)
+        self._catch_up()
         revision = self._ledger.revision
         if self._delivered >= revision:
             self._pending_since = None
@@ -177,6 +184,7 @@ class HookSchedule:
 
     def start(self, now: float) -> Delivery:
         """Begin a run at ``now``: the coalesced frame of every change since delivered."""
+        self._catch_up()
         upto = self._ledger.revision
         frames = self._ledger.frames_since(self._delivered)
         gone: int | None = None
