@@ -151,7 +151,7 @@ async def test_reset_mid_response_does_not_escape(tmp_path: Path) -> None:
         async with connected(path) as client:
             assert (await client.request("GET", "/", [("host", "t")])).status == 200
             with trio.fail_after(2):
-                while server.active > 1:  # noqa: ASYNC110 - polling a plain counter
+                while server.active > 1:
                     await trio.sleep(0.01)
 
 
