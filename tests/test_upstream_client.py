@@ -1,0 +1,467 @@
+"""The IMDS client: wire rules, connections, errors, retries and api-version negotiation.
+
+Wire-level checks use a recording server on loopback (built on imdsd.httpio); behaviour
+checks run against the emulator with injected faults, under MockClock where time matters.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from imdsd import __version__, httpio
+from imdsd.config import ImdsConfig
+from imdsd.emulator.server import EmulatorConfig, serve_emulator
+from imdsd.upstream.budget import Budget, Priority
+from imdsd.upstream.client import (
+    ConnectError,
+    GaveUp,
+    ImdsClient,
+    Reset,
+    Timeout,
+    TooLarge,
+    build_target,
+)
+from imdsd.upstream.retry import Decision, Outcome, Retry, RetryPolicy
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Emulator:
+    """A running emulator and a way to drive its control API."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def control(self, method: str, path: str, body: Any = None) -> Any:
+        stream = await httpio.open_tcp(self.host, self.port, 5)
+        conn = httpio.ClientConnection(stream)
+        try:
+            payload = b"" if body is None else msgspec.json.encode(body)
+            response = await conn.request(
+                method, "/_emulator/" + path, [("Host", "emulator")], payload, timeout=5
+            )
+        finally:
+            await conn.aclose()
+        assert response.status < 300, response.body
+        return msgspec.json.decode(response.body)
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.control("GET", "stats")
+        return result
+
+    async def fault(self, **spec: Any) -> None:
+        await self.control("POST", "faults", spec)
+
+
+async def start_emulator(nursery: trio.Nursery, profile: str = "azure") -> Emulator:
+    host, port = await nursery.start(serve_emulator, EmulatorConfig(port=0, profile=profile))
+    return Emulator(host, port)
+
+
+def make_client(url: str, *, api_version: str = "auto", rate: float = 4.0, **kw: Any) -> ImdsClient:
+    config = ImdsConfig(endpoint=url, api_version=api_version, **kw)
+    return ImdsClient(config, Budget(rate))
+
+
+@dataclass
+class Recorder:
+    """A loopback HTTP server that records requests and answers from a script."""
+
+    requests: list[httpio.Request] = field(default_factory=list)
+    answers: list[tuple[int, bytes, bool, float]] = field(default_factory=list)
+    server: httpio.HttpServer | None = None
+    port: int = 0
+
+    async def handle(self, request: httpio.Request, responder: httpio.Responder) -> None:
+        self.requests.append(request)
+        status, body, close, delay = self.answers.pop(0) if self.answers else (200, b"{}", False, 0)
+        if delay:
+            await trio.sleep(delay)
+        responder.close_after = close
+        await responder.send(status, [(b"content-type", b"application/json")], body)
+
+
+async def start_recorder(nursery: trio.Nursery) -> Recorder:
+    recorder = Recorder()
+    recorder.server = httpio.HttpServer(recorder.handle)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    recorder.port = listeners[0].socket.getsockname()[1]
+    await nursery.start(recorder.server.serve, listeners)
+    return recorder
+
+
+# ---------------------------------------------------------------------------- wire rules
+
+
+def test_build_target_encodes_each_parameter_once() -> None:
+    assert build_target("/metadata/instance", {"api-version": "2021-02-01"}) == (
+        "/metadata/instance?api-version=2021-02-01"
+    )
+    assert build_target("/metadata/versions", None) == "/metadata/versions"
+    assert build_target("/metadata/x", {"a": "b c&d"}) == "/metadata/x?a=b%20c%26d"
+    for bad in ("metadata", "/metadata?x=1", "/a#b"):
+        with pytest.raises(ValueError, match="absolute path"):
+            build_target(bad, None)
+
+
+async def test_every_request_has_the_required_headers_and_reuses_one_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = await start_recorder(nursery)
+    client = make_client(f"http://127.0.0.1:{recorder.port}")
+    for _ in range(3):
+        response = await client.get("/metadata/instance", {"api-version": "2021-02-01"})
+        assert response.status == 200
+    await client.post(
+        "/metadata/scheduledevents", {"api-version": "2020-07-01"}, b'{"StartRequests": []}'
+    )
+    await client.aclose()
+    assert recorder.server is not None
+    assert recorder.server.accepted == 2  # one lane for the GETs, one for the POST
+    ids = set()
+    for request in recorder.requests:
+        assert request.header("metadata") == "true"
+        assert request.header("user-agent") == f"imdsd/{__version__}"
+        assert request.header("host") == f"127.0.0.1:{recorder.port}"
+        assert request.header("x-forwarded-for") is None
+        request_id = request.header("x-ms-client-request-id")
+        assert request_id is not None
+        assert uuid.UUID(request_id).version == 4
+        ids.add(request_id)
+        names = [name for name, _ in request.query]
+        assert len(names) == len(set(names))
+    assert len(ids) == 4
+    assert recorder.requests[0].target == "/metadata/instance?api-version=2021-02-01"
+    assert recorder.requests[3].method == "POST"
+    assert recorder.requests[3].header("content-type") == "application/json"
+    assert recorder.requests[3].body == b'{"StartRequests": []}'
+
+
+async def test_reconnects_when_the_server_closes(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = await start_recorder(nursery)
+    recorder.answers = [(200, b"{}", True, 0), (200, b"{}", False, 0), (200, b"{}", False, 0)]
+    client = make_client(f"http://127.0.0.1:{recorder.port}")
+    for _ in range(3):
+        assert (await client.get("/metadata/instance")).status == 200
+    await client.aclose()
+    assert recorder.server is not None
+    assert recorder.server.accepted == 2
+
+
+async def test_oversized_answer_is_refused_and_the_connection_dropped(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = await start_recorder(nursery)
+    recorder.answers = [(200, b"x" * ((1 << 20) + 1), False, 0), (200, b"x" * (1 << 20), False, 0)]
+    client = make_client(f"http://127.0.0.1:{recorder.port}")
+    with pytest.raises(TooLarge, match="larger than 1048576"):
+        await client.get("/metadata/instance")
+    assert client.open_connections == 0
+    assert len((await client.get("/metadata/instance")).body) == 1 << 20
+    await client.aclose()
+
+
+async def test_read_timeout(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    recorder = await start_recorder(nursery)
+    recorder.answers = [(200, b"{}", False, 30.0), (200, b"{}", False, 30.0)]
+    client = make_client(f"http://127.0.0.1:{recorder.port}", read_timeout=10.0)
+    start = trio.current_time()
+    with pytest.raises(Timeout, match="10s"):
+        await client.get("/metadata/instance")
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert client.open_connections == 0
+    start = trio.current_time()
+    with pytest.raises(Timeout):
+        await client.get("/metadata/instance", timeout=3.0)  # a per-call timeout wins
+    assert trio.current_time() - start == pytest.approx(3.0)
+    await client.aclose()
+
+
+async def test_refused_connection_is_a_connect_error() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()
+    client = make_client(f"http://127.0.0.1:{port}")
+    with pytest.raises(ConnectError, match="failed"):
+        await client.get("/metadata/instance")
+    assert client.budget.core.granted == 0  # no request was started
+
+
+async def test_proxy_environment_is_ignored(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    proxy_hits = 0
+
+    async def proxy(stream: trio.SocketStream) -> None:
+        nonlocal proxy_hits
+        proxy_hits += 1
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    proxy_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    await nursery.start(trio.serve_listeners, proxy, listeners)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy_url)
+    monkeypatch.setenv("all_proxy", proxy_url)
+    monkeypatch.setenv("NO_PROXY", "example.com")
+    monkeypatch.setenv("no_proxy", "example.com")
+    emulator = await start_emulator(nursery)
+    client = make_client(emulator.url)
+    fetched = await client.fetch("instance")
+    assert b'"compute"' in fetched.body
+    await client.aclose()
+    assert proxy_hits == 0
+    assert (await emulator.stats())["by_path"]["/metadata/instance"] == 1
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+async def test_reset_maps_to_reset_and_the_next_request_reconnects(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery)
+    client = make_client(emulator.url)
+    await emulator.fault(reset=True, path="/metadata/versions")
+    with pytest.raises(Reset):
+        await client.get("/metadata/versions")
+    assert (await client.get("/metadata/versions")).status == 200
+    await client.aclose()
+
+
+async def test_non_retryable_status_gives_up_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery)
+    client = make_client(emulator.url, api_version="2021-02-01")
+    await emulator.fault(status=403, path="/metadata/instance")
+    seen: list[tuple[Outcome, Decision]] = []
+    with pytest.raises(GaveUp) as caught:
+        await client.fetch("instance", observer=lambda o, d: seen.append((o, d)))
+    assert caught.value.status == 403
+    assert len(seen) == 1
+    assert (await emulator.stats())["by_path"]["/metadata/instance"] == 1
+    await client.aclose()
+
+
+async def test_transient_failures_are_retried_with_backoff(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery)
+    client = make_client(emulator.url, api_version="2021-02-01")
+    for spec in (
+        {"status": 500},
+        {"status": 502},
+        {"status": 503},
+        {"status": 504},
+        {"reset": True},
+        {"truncate": True},
+        {"oversize": 2_000_000},
+        {"delay": "30s"},
+    ):
+        await emulator.fault(path="/metadata/instance", **spec)
+    seen: list[Decision] = []
+    start = trio.current_time()
+    fetched = await client.fetch("instance", observer=lambda o, d: seen.append(d))
+    assert fetched.version == "2021-02-01"
+    assert len(seen) == 8
+    assert all(isinstance(d, Retry) for d in seen)
+    delays = [d.delay for d in seen if isinstance(d, Retry)]
+    assert all(
+        0.5 * min(30.0, 0.5 * 2**i) <= x <= min(30.0, 0.5 * 2**i) for i, x in enumerate(delays)
+    )
+    assert trio.current_time() - start >= sum(delays) + 10.0  # plus the read timeout
+    statuses = (await emulator.stats())["by_path_status"]["/metadata/instance"]
+    ok = statuses.pop("200")
+    assert statuses == {"500": 1, "502": 1, "503": 1, "504": 1, "reset": 1}
+    assert ok >= 3  # truncated, oversized, final (the delayed one may still be sleeping)
+    await client.aclose()
+
+
+async def test_gone_is_retried_for_at_least_70s_then_at_the_interval(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery)
+    client = make_client(emulator.url, api_version="2021-02-01")
+    await emulator.fault(status=410, count=100_000, path="/metadata/instance")
+    times: list[float] = []
+    start = trio.current_time()
+    with trio.move_on_after(200):
+        await client.fetch(
+            "instance",
+            policy=RetryPolicy(interval=10.0),
+            observer=lambda o, d: times.append(trio.current_time() - start),
+        )
+        pytest.fail("a 410 storm must not end the fetch")
+    early = [t for t in times if t < 70]
+    late = [t for t in times if t >= 75]
+    assert len(early) >= 14
+    gaps = [b - a for a, b in itertools.pairwise(late)]
+    assert gaps
+    assert all(g == pytest.approx(10.0, abs=0.01) for g in gaps)
+    await client.aclose()
+
+
+@pytest.mark.parametrize("form", ["seconds", "date"])
+async def test_retry_after_is_honoured(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, form: str
+) -> None:
+    emulator = await start_emulator(nursery)
+    client = make_client(emulator.url, api_version="2021-02-01")
+    if form == "seconds":
+        retry_after: int | str = 7
+    else:
+        retry_after = email.utils.formatdate(time.time() + 8, usegmt=True)
+    await emulator.fault(status=429, retry_after=retry_after, path="/metadata/instance")
+    start = trio.current_time()
+    await client.fetch("instance")
+    elapsed = trio.current_time() - start
+    assert 6.0 <= elapsed <= 8.5
+    await client.aclose()
+
+
+# ---------------------------------------------------------------------------- api-versions
+
+
+async def test_negotiation_against_the_azure_profile(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azure")
+    client = make_client(emulator.url)
+    for endpoint in ("instance", "scheduled_events", "loadbalancer"):
+        await client.fetch(endpoint)
+    assert client.versions.chosen() == {
+        "instance": "2023-11-15",
+        "scheduled_events": "2020-07-01",
+        "loadbalancer": "2023-11-15",
+    }
+    stats = await emulator.stats()
+    assert stats["by_path"]["/metadata/versions"] == 1
+    assert "400" not in stats["by_status"]
+    await client.aclose()
+
+
+async def test_negotiation_against_the_azurestack_profile(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azurestack")
+    client = make_client(emulator.url)
+    instance = await client.fetch("instance")
+    assert b"AzureStack" in instance.body
+    await client.fetch("scheduled_events")
+    with pytest.raises(GaveUp) as caught:
+        await client.fetch("loadbalancer")
+    assert caught.value.status == 404
+    assert client.versions.chosen() == {
+        "instance": "2021-05-01",
+        "scheduled_events": "2020-07-01",
+        "loadbalancer": "2021-05-01",
+    }
+    assert "400" not in (await emulator.stats())["by_status"]
+    await client.aclose()
+
+
+async def test_failed_probe_falls_back_on_the_400_newest_versions(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azurestack")
+    client = make_client(emulator.url)
+    await emulator.fault(status=500, path="/metadata/versions")
+    fetched = await client.fetch("instance")
+    assert fetched.version == "2021-05-01"
+    stats = await emulator.stats()
+    assert stats["by_path_status"]["/metadata/instance"] == {"400": 1, "200": 1}
+    await client.aclose()
+
+
+async def test_a_400_mid_life_renegotiates(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azure")
+    client = make_client(emulator.url)
+    assert (await client.fetch("instance")).version == "2023-11-15"
+    assert (await client.fetch("scheduled_events")).version == "2020-07-01"
+    # host update: the version in use is refused, newer ones imdsd knows are offered
+    newest = ["2021-05-01", "2021-03-01", "2021-02-01"]
+    await emulator.fault(
+        status=400,
+        body=msgspec.json.encode({"error": "bad api-version", "newest-versions": newest}).decode(),
+        path="/metadata/instance",
+    )
+    assert (await client.fetch("instance")).version == "2021-05-01"
+    assert client.versions.chosen()["scheduled_events"] == "2020-07-01"
+    # only versions unknown to imdsd offered: ask /metadata/versions again
+    await emulator.fault(
+        status=400,
+        body='{"error": "bad api-version", "newest-versions": ["2031-01-01"]}',
+        path="/metadata/instance",
+    )
+    assert (await client.fetch("instance")).version == "2023-11-15"
+    stats = await emulator.stats()
+    assert stats["by_path"]["/metadata/versions"] == 2
+    assert stats["by_path_status"]["/metadata/instance"] == {"200": 3, "400": 2}
+    await client.aclose()
+
+
+async def test_fixed_version_is_used_everywhere_and_never_changed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azure")
+    client = make_client(emulator.url, api_version="2019-08-01")
+    assert (await client.fetch("instance")).version == "2019-08-01"
+    assert (await client.fetch("scheduled_events")).version == "2019-08-01"
+    with pytest.raises(GaveUp, match="2019-08-01 refused") as caught:
+        await client.fetch("loadbalancer")  # below the load balancer's minimum: 400
+    assert caught.value.status == 400
+    stats = await emulator.stats()
+    assert "/metadata/versions" not in stats["by_path"]
+    assert stats["by_path_status"]["/metadata/loadbalancer"] == {"400": 1}
+    await client.aclose()
+
+
+async def test_approve_posts_start_requests(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azure")
+    event = await emulator.control("POST", "scheduled-events", {"EventType": "Reboot"})
+    client = make_client(emulator.url)
+    await client.approve([event["EventId"]])
+    document = msgspec.json.decode((await client.fetch("scheduled_events")).body)
+    assert [e["EventStatus"] for e in document["Events"]] == ["Started"]
+    with pytest.raises(ValueError, match="no event ids"):
+        await client.approve([])
+    await client.aclose()
+
+
+async def test_status_reports_budget_versions_and_connections(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azure")
+    client = make_client(emulator.url, rate=2.0)
+    await client.fetch("instance", priority=Priority.URGENT)
+    status = client.status()
+    assert status == {
+        "budget": {"rate": 2.0, "in_use": 2, "waiting": 0, "granted": 2},
+        "api_version": {"instance": "2023-11-15"},
+        "requests_sent": 2,
+        "connections": 2,
+    }
+    await client.aclose()
+    assert client.open_connections == 0
