@@ -164,6 +164,8 @@ class _Wire:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if self.conn.trailing_data[1]:  # the peer closed in the middle of a message
+                    raise PeerClosed(f"peer closed the connection: {exc}") from exc
                 raise ProtocolViolation(str(exc), exc.error_status_hint) from exc
             if event is h11.NEED_DATA:
                 await self.receive_into_h11()

@@ -366,7 +366,7 @@ def test_demo_duration_20_shows_every_kind_and_hook_runs() -> None:
         r"rev \d+ +scheduled_events +added +C7061BAC\.\.\. +Reboot Scheduled",
         r"rev \d+ +scheduled_events +modified +C7061BAC\.\.\. +.*Started",
         r"rev \d+ +scheduled_events +removed +C7061BAC\.\.\. ",
-        r"hook +demo-hook ok in [\d.]+s: revision \d+ \[tags\]: tags added env",
+        r"hook +demo-hook ok in [\d.]+s: revision \d+ \[[a-z_,]*\]: (.*; )?tags added env",
         r"upstream +\w+ ok -> (degraded|stale): HTTP 429",
         r"scenario +throttling burst",
         r"summary after 2\d\.\ds",

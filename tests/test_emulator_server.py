@@ -444,12 +444,12 @@ async def test_demo_scenario_timeline(
     nics = jbody(await client.get(f"/metadata/instance/network/interface?{V}"))
     assert [n["macAddress"] for n in nics] == ["000D3A112233", "0011AAFFBB22"]
     await at(15)
-    assert [(await client.get(INSTANCE)).status for _ in range(7)] == [429] * 6 + [200]
-    await at(18)
     assert jbody(await client.get(SE))["Events"][0]["EventStatus"] == "Started"
-    await at(24)
+    await at(21)
     assert jbody(await client.get(SE))["Events"] == []
-    await at(30)
+    await at(22)
+    assert [(await client.get(INSTANCE)).status for _ in range(7)] == [429] * 6 + [200]
+    await at(28)
     assert b"env" not in await tags()
     size = await client.get(f"/metadata/instance/compute/vmSize?{V}&format=text")
     assert size.body == b"Standard_D4s_v5"

@@ -18,6 +18,7 @@ from imdsd.httpio import (
     ConnectFailed,
     Deadline,
     HttpServer,
+    PeerClosed,
     Request,
     Responder,
     ServerLimits,
@@ -225,6 +226,23 @@ async def test_client_notices_server_close_between_requests(tmp_path: Path) -> N
         assert (await client.request("GET", "/", [("host", "t")])).status == 200
         await trio.sleep(0.4)
         assert not client.reusable
+
+
+async def test_server_closing_before_answering_is_peer_closed(tmp_path: Path) -> None:
+    path = str(tmp_path / "close.sock")
+    listener = unix_listener(path)
+    async with trio.open_nursery() as nursery:
+
+        async def close_after_reading() -> None:
+            stream = await listener.accept()
+            await stream.receive_some(65536)
+            await stream.aclose()
+
+        nursery.start_soon(close_after_reading)
+        async with connected(path) as client:
+            with pytest.raises(PeerClosed):
+                await client.request("GET", "/", [("host", "t")])
+    await listener.aclose()
 
 
 async def test_connect_failures(tmp_path: Path) -> None:

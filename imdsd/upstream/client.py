@@ -134,9 +134,6 @@ _ERRORS: Final[dict[type[httpio.HttpIOError], type[TransportError]]] = {
 
 
 def _mapped(exc: httpio.HttpIOError) -> TransportError:
-    if isinstance(exc, httpio.ProtocolViolation) and "ConnectionClosed" in str(exc):
-        # h11's way of saying the server closed the connection before answering
-        return Reset(f"server closed the connection before answering ({exc})")
     for source, target in _ERRORS.items():
         if isinstance(exc, source):
             return target(str(exc))
