@@ -1,8 +1,9 @@
 """The write path: fetched documents -> store -> disk -> watchers and hooks (trio shell).
 
 Every good document from a poller is applied to the :class:`~imdsd.store.Store`. A new
-revision is written to disk *before* its frame is published, so a crash can never make a
-change reach a consumer that a restart would then report again. Snapshot-only updates and
+revision is written to disk *before* anyone can see it (reads, watchers, hooks all see the
+*published* revision), so a crash can never make a change reach a consumer that a restart
+would then report again, nor reuse a revision number someone has seen. Snapshot-only updates and
 hook delivery marks are saved promptly by a background saver. A failed save is logged and
 retried; it never stops the daemon.
 """
@@ -51,7 +52,8 @@ def load_store(directory: str, history: int) -> Store[Snapshot]:
 def _appeared(old: Snapshot, new: Snapshot) -> bool:
     """True when a document readers could not see before is now known (or became absent)."""
     return (
-        (old.scheduled_events is None and new.scheduled_events is not None)
+        (old.instance is None and new.instance is not None)
+        or (old.scheduled_events is None and new.scheduled_events is not None)
         or (old.loadbalancer is None and new.loadbalancer is not None)
         or (old.loadbalancer_absent != new.loadbalancer_absent and new.loadbalancer is None)
     )
@@ -70,6 +72,7 @@ class StateKeeper:
         self.ready = trio.Event()
         if store.snapshot is not None and store.snapshot.instance is not None:
             self.ready.set()
+        self._published: tuple[int, Snapshot | None] = (store.revision, store.snapshot)
         self._lock = trio.Lock()
         self._revision_event = trio.Event()
         self._save_wanted = trio.Event()
@@ -78,17 +81,21 @@ class StateKeeper:
 
     @property
     def snapshot(self) -> Snapshot | None:
-        """The current snapshot (None before the first one)."""
-        return self.store.snapshot
+        """The published snapshot (None before the first one)."""
+        return self._published[1]
 
     @property
     def revision(self) -> int:
-        """The current revision."""
-        return self.store.revision
+        """The published revision: on disk, or saving it failed and was logged."""
+        return self._published[0]
 
     def frames_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
-        """Change frames after ``since``, or gone."""
-        return self.store.frames_since(since)
+        """Published change frames after ``since``, or gone."""
+        found = self.store.frames_since(since)
+        limit = self._published[0]
+        if isinstance(found, GoneFrame) or not found or found[-1].revision <= limit:
+            return found
+        return [frame for frame in found if frame.revision <= limit]
 
     def subscribe(self, max_pending: int, after: int) -> Subscription:
         """A live subscription to frames published after revision ``after``."""
@@ -96,7 +103,7 @@ class StateKeeper:
 
     async def wait_for_revision(self, revision: int) -> None:
         """Return once the store's revision is above ``revision``."""
-        while self.store.revision <= revision:
+        while self.revision <= revision:
             await self._revision_event.wait()
 
     # -- the pollers' sink -------------------------------------------------------------
@@ -129,15 +136,18 @@ class StateKeeper:
             new = msgspec.structs.replace(current, **fields)
             frame = self.store.apply(new, now, new_content=_appeared(current, new))
             self.fetched_at[endpoint] = now
+            if self.store.revision == before:  # same revision: new content may show at once
+                self._published = (before, self.store.snapshot)
             if self.store.must_save:
                 await self._save()
             elif self.store.dirty:
                 self._save_wanted.set()
-            if frame is not None:
-                self._publish(frame)
             if self.store.revision != before:
+                self._published = (self.store.revision, self.store.snapshot)
+                if frame is not None:
+                    self._publish(frame)
                 self._wake_revision_waiters()
-            snapshot = self.store.snapshot
+            snapshot = self._published[1]
             if snapshot is not None and snapshot.instance is not None:
                 self.ready.set()
 

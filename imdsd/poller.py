@@ -196,7 +196,8 @@ class Poller:
         self.client = client
         self.sink = sink
         self.health = health
-        self.policy = RetryPolicy(interval=spec.interval)
+        # backoff never outlasts a poll interval, so recovery comes within one interval
+        self.policy = RetryPolicy(interval=spec.interval, cap=min(RetryPolicy().cap, spec.interval))
         self.succeeded = False
         self._deliver = _deliverer(spec.endpoint, sink)
 

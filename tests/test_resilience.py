@@ -95,15 +95,6 @@ FAULTS = {
 }
 
 
-# Known daemon bug: these recover only after the capped (30 s) retry backoff runs out.
-SLOW_RECOVERY = ("429-storm", "connection-resets", "truncated")
-SLOW_RECOVERY_REASON = (
-    "retry backoff is capped at 30 s, not at the poll interval, so after a long outage the "
-    "next attempt can come up to 30 s later (fix in imdsd/poller.py Poller.__init__: "
-    "RetryPolicy(interval=spec.interval, cap=min(DEFAULT_POLICY.cap, spec.interval)))"
-)
-
-
 def _recovered(sample: Sample) -> bool:
     fresh = sample.stale == "false" and sample.instance == "ok"
     return fresh and "changed-during-fault" in sample.tags
@@ -166,12 +157,6 @@ async def test_fault_matrix(
     assert stats["peak_rps"] <= math.ceil(RATE)
     # recovery within one poll interval (plus one budget slot) of the fault's end
     recovery = last.at - ended
-    if name in SLOW_RECOVERY:
-        assert recovery > INTERVAL + SLOT, (
-            f"{name} recovered in {recovery:.1f}s: if the backoff cap was fixed, "
-            "remove it from SLOW_RECOVERY"
-        )
-        pytest.xfail(f"recovered {recovery:.1f}s after the fault: {SLOW_RECOVERY_REASON}")
     assert recovery <= INTERVAL + SLOT
 
 
@@ -321,14 +306,6 @@ async def test_sigkill_during_mutations_loses_and_repeats_nothing(tmp_path: Path
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the scheduled events document arrives first (it has the higher budget priority) "
-    "and becomes the baseline; the instance document then appears without a revision and is "
-    "only saved lazily (1 s later), so a SIGKILL right after READY loses it and the restarted "
-    "daemon answers 503 until upstream answers again (fix in imdsd/keeper.py _appeared: "
-    "also return True when old.instance is None and new.instance is not None)",
-)
 async def test_instance_document_persisted_when_ready(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,15 +319,6 @@ async def test_instance_document_persisted_when_ready(
     assert snapshot.instance is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StateKeeper._apply updates the store (revision, snapshot, history) before "
-    "awaiting the save, so reads, /v1/state and /v1/events serve a revision that a SIGKILL "
-    "during the save takes back; after the restart the same revision number can name "
-    "different content (fix in imdsd/keeper.py: apply to the store only after the save "
-    "succeeded, e.g. save store.to_state() of a staged copy, or keep a published "
-    "(snapshot, revision, history bound) that the API reads and advance it after the save)",
-)
 async def test_no_revision_is_served_before_it_is_on_disk(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

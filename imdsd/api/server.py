@@ -168,7 +168,7 @@ class ApiServer:
         *,
         limits: ServerLimits | None = None,
         max_pending: int = 1024,
-        write_timeout: float = 30.0,
+        write_timeout: float = 10.0,
     ) -> None:
         self.ctx = ctx
         self.config = config

@@ -60,7 +60,7 @@ class Watchers:
         *,
         heartbeat: float,
         max_pending: int = 1024,
-        write_timeout: float = 30.0,
+        write_timeout: float = 10.0,
     ) -> None:
         self.ctx = ctx
         self.router = router
@@ -87,7 +87,12 @@ class Watchers:
                 nursery.start_soon(watch_peer, nursery.cancel_scope)
                 try:
                     await body()
-                except (HttpIOError, _Stuck):
+                except HttpIOError:
+                    left = True
+                except _Stuck:
+                    # the peer stopped reading: no frame can reach it, not even "overflow"
+                    log.warning("watcher closed: not reading", write_timeout=self.write_timeout)
+                    self.metrics.watch_overflow()
                     left = True
                 nursery.cancel_scope.cancel()
         finally:
