@@ -158,8 +158,12 @@ class _Wire:
         except RuntimeError as exc:  # data after EOF was already signalled
             raise PeerClosed(str(exc)) from exc
 
-    async def next_event(self) -> Any:
-        """The next h11 event, reading from the stream as needed."""
+    async def next_event(self, deadline: float | None = None) -> Any:
+        """The next h11 event, reading from the stream as needed (by ``deadline`` if given).
+
+        A deadline scope is opened only when a read has to wait, so a request that is
+        already buffered costs none (trio.TooSlowError when the deadline passes).
+        """
         while True:
             try:
                 event = self.conn.next_event()
@@ -168,7 +172,11 @@ class _Wire:
                     raise PeerClosed(f"peer closed the connection: {exc}") from exc
                 raise ProtocolViolation(str(exc), exc.error_status_hint) from exc
             if event is h11.NEED_DATA:
-                await self.receive_into_h11()
+                if deadline is None:
+                    await self.receive_into_h11()
+                else:
+                    with trio.fail_at(deadline):
+                        await self.receive_into_h11()
                 continue
             return event
 
@@ -177,12 +185,12 @@ class _Wire:
         data, closed = self.conn.trailing_data
         return bool(data) or closed
 
-    async def read_body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int, deadline: float | None = None) -> bytes:
         """Read Data events until EndOfMessage; more than ``limit`` bytes is BodyTooLarge."""
         chunks: list[bytes] = []
         size = 0
         while True:
-            event = await self.next_event()
+            event = await self.next_event(deadline)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -216,12 +224,12 @@ class _Wire:
 _date_cache: tuple[int, bytes] = (0, b"")
 
 
+_REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
 def _reason(status: int) -> bytes:
     """The standard reason phrase of ``status`` (empty when unknown)."""
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
+    return _REASONS.get(status, b"")
 
 
 def http_date() -> bytes:
@@ -231,6 +239,10 @@ def http_date() -> bytes:
     if _date_cache[0] != now:
         _date_cache = (now, formatdate(now, usegmt=True).encode("ascii"))
     return _date_cache[1]
+
+
+_HEAD_CACHE_SIZE = 256
+_head_cache: dict[tuple[Any, ...], h11.Response] = {}
 
 
 class Responder:
@@ -251,9 +263,21 @@ class Responder:
     async def send(
         self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes = b""
     ) -> None:
-        """Send a complete response with a Content-Length."""
+        """Send a complete response with a Content-Length.
+
+        The validated response head is reused for identical heads within the same second
+        (the ``Date`` header's resolution), so cached replies skip h11's header validation.
+        """
         self.started = True
-        head = self._head(status, [*headers, (b"content-length", str(len(body)).encode())])
+        key = (status, tuple(headers), len(body), self.close_after, self._server, http_date())
+        head = _head_cache.get(key)
+        if head is None:
+            head = self._head(status, [*headers, (b"content-length", str(len(body)).encode())])
+            if len(_head_cache) >= _HEAD_CACHE_SIZE or (
+                _head_cache and next(iter(_head_cache))[5] != key[5]
+            ):
+                _head_cache.clear()
+            _head_cache[key] = head
         conn = self._wire.conn
         try:
             data = conn.send(head) or b""
@@ -351,17 +375,17 @@ async def _read_request(wire: _Wire, limits: ServerLimits, peer: Any) -> Request
             await wire.receive_into_h11()
         if idle.cancelled_caught:
             return None
+    deadline = trio.current_time() + limits.request_timeout
     try:
-        with trio.fail_after(limits.request_timeout):
-            event = await wire.next_event()
-            if isinstance(event, h11.ConnectionClosed):
-                return None
-            if not isinstance(event, h11.Request):
-                raise ProtocolViolation(f"expected a request, got {type(event).__name__}")
-            head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-            if head_size > limits.max_head:
-                raise ProtocolViolation("request header fields too large", 431)
-            body = await wire.read_body(limits.max_body)
+        event = await wire.next_event(deadline)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if not isinstance(event, h11.Request):
+            raise ProtocolViolation(f"expected a request, got {type(event).__name__}")
+        head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if head_size > limits.max_head:
+            raise ProtocolViolation("request header fields too large", 431)
+        body = await wire.read_body(limits.max_body, deadline)
     except trio.TooSlowError as exc:
         raise Deadline("request not received in time") from exc
     return Request(
