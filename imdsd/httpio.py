@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import select
 import socket
 import time
@@ -299,6 +300,34 @@ class Responder:
         if data:
             await self._wire.send(h11.Data(data=data))
 
+    def write_nowait(self, data: bytes) -> bytes:
+        """Send one chunk of a streamed response without waiting, as far as the socket takes it.
+
+        Returns the bytes still to send (b"" when all went out); pass them to
+        :meth:`write_rest`. The chunk is framed here: h11 keeps no state for body chunks, so
+        this is the same as :meth:`write` minus the await and a copy, for fan-out to many
+        streams. Raises PeerClosed when the peer is gone.
+        """
+        if not data:
+            return b""
+        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        stream = self._wire.stream
+        if not isinstance(stream, trio.SocketStream):
+            return framed
+        try:
+            sent = os.write(stream.socket.fileno(), framed)
+        except BlockingIOError:
+            return framed
+        except OSError as exc:
+            self._wire.conn.send_failed()
+            raise PeerClosed(str(exc)) from exc
+        return framed[sent:]
+
+    async def write_rest(self, rest: bytes) -> None:
+        """Send what :meth:`write_nowait` could not."""
+        if rest:
+            await self._wire.send_bytes(rest)
+
     async def end(self) -> None:
         """Finish a streamed response."""
         await self._wire.send(h11.EndOfMessage())
@@ -527,7 +556,6 @@ def unix_listener(
     path: str, mode: int | None = None, *, backlog: int = 1024
 ) -> trio.SocketListener:
     """Bind a unix stream socket at ``path`` (removing a stale socket file) and listen."""
-    import os
     import stat
 
     try:

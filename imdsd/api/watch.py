@@ -100,8 +100,11 @@ class Watchers:
         return left
 
     async def _write(self, responder: Responder, data: bytes) -> None:
+        rest = responder.write_nowait(data)
+        if not rest:
+            return
         with trio.move_on_after(self.write_timeout) as timer:
-            await responder.write(data)
+            await responder.write_rest(rest)
         if timer.cancelled_caught:
             raise _Stuck
 
