@@ -146,6 +146,7 @@ class Daemon:
         self.metrics.budget_in_use.track(lambda: self.budget.in_use())  # noqa: PLW0108 - rebound on reload
         self.keeper.listeners.append(lambda frame: self.metrics.count_changes(frame.changes))
         self.api = ApiServer(DaemonContext(self), config.server, self.metrics)
+        self.keeper.listeners.append(self.api.deliver)
         self.serving = False
         self.pollers_alive = False
         self._pollers_scope = trio.CancelScope()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ class FakeContext:
     def __init__(self, history: int = 100) -> None:
         self.store: Store[Snapshot] = Store(diff=diff, snapshot_type=Snapshot, history=history)
         self.broadcaster = Broadcaster()
+        self.listeners: list[Callable[[ChangeFrame], None]] = []
         self.fresh: dict[Endpoint, Freshness] = dict.fromkeys(ENDPOINTS, Freshness(FETCHED, False))
         self.health_doc: dict[str, Any] = {"status": "ok", "endpoints": {}}
         self.known_versions: list[str] | None = None
@@ -138,6 +139,8 @@ class FakeContext:
         frame = self.store.apply(snapshot, self.clock)
         if frame is not None:
             self.broadcaster.publish(frame)
+            for listener in self.listeners:
+                listener(frame)
         return frame
 
     def tag(self, name: str, value: str) -> ChangeFrame:
@@ -179,6 +182,7 @@ async def running_api(
     api = ApiServer(
         ctx, config, limits=limits, max_pending=max_pending, write_timeout=write_timeout
     )
+    ctx.listeners.append(api.deliver)
     async with trio.open_nursery() as nursery:
         await nursery.start(api.serve, open_listeners(config))
         yield config.socket, api

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.lowlevel
 from test_api_support import (
     FakeContext,
     full_snapshot,
@@ -379,3 +380,32 @@ def test_server_tracks_gauges(tmp_path: Path) -> None:
     assert "\nimdsd_watchers 3\n" in text
     assert "\nimdsd_revision 1\n" in text
     assert "\nimdsd_connections 0\n" in text
+
+
+async def test_direct_fan_out_delivers_each_revision_once_in_order(tmp_path: Path) -> None:
+    """Frames written at publish time (no task switch) are neither lost nor repeated."""
+    ctx = started_context()
+    async with running_api(tmp_path, ctx, heartbeat=60) as (path, api), trio.open_nursery() as n:
+        received: list[list[int]] = [[] for _ in range(40)]
+        ready = trio.Semaphore(0)
+
+        async def follow(index: int) -> None:
+            async with watching(path, "/v1/watch?kinds=tags") as (_, next_frame):
+                await next_frame()  # state
+                ready.release()
+                while len(received[index]) < 30:
+                    frame = await next_frame()
+                    assert frame is not None
+                    received[index].append(frame["revision"])
+
+        for index in range(40):
+            n.start_soon(follow, index)
+        for _ in range(40):
+            await ready.acquire()
+        await wait_for(lambda: len(api.watchers._parked) == 40, timeout=5)
+        published = []
+        for i in range(30):
+            published.append(ctx.tag("burst", str(i)).revision)
+            if i % 3 == 0:
+                await trio.lowlevel.checkpoint()  # some frames find tasks parked, some not
+    assert all(seen == published for seen in received)

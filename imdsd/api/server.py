@@ -30,6 +30,7 @@ from imdsd.api.metrics import Metrics
 from imdsd.api.routes import ApproveCall, EventsCall, Reply, Router, WatchCall, error, json_reply
 from imdsd.api.watch import Watchers
 from imdsd.config import ServerConfig
+from imdsd.frames import ChangeFrame
 from imdsd.httpio import (
     HttpServer,
     Request,
@@ -211,6 +212,10 @@ class ApiServer:
         self.lines.reset(self.policy)
         self.watchers.heartbeat = config.heartbeat
         self.http.max_connections = config.max_connections
+
+    def deliver(self, frame: ChangeFrame) -> None:
+        """Write a just-published frame to every waiting watch stream at once."""
+        self.watchers.deliver(frame)
 
     def _live(self) -> dict[str, int]:
         return {"watchers": self.watchers.active, "connections": self.http.active}

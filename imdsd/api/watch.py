@@ -13,6 +13,7 @@ bookmark naming the revision to resume from.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 import trio
@@ -48,6 +49,20 @@ class _Progress:
         self.lines: list[bytes] = []
 
 
+class _Parked:
+    """A watch stream waiting for its next frame, which :meth:`Watchers.deliver` may write."""
+
+    __slots__ = ("failure", "kinds", "last", "level", "responder", "rest")
+
+    def __init__(self, responder: Responder, kinds: Any, level: Any, last: int) -> None:
+        self.responder = responder
+        self.kinds = kinds
+        self.level = level
+        self.last = last
+        self.rest = b""
+        self.failure: HttpIOError | None = None
+
+
 class Watchers:
     """Serves watch streams and long polls; ``active`` counts the open ones."""
 
@@ -70,6 +85,7 @@ class Watchers:
         self.max_pending = max_pending
         self.write_timeout = write_timeout
         self.active = 0
+        self._parked: dict[int, _Parked] = {}
 
     async def _guarded(self, responder: Responder, body: Callable[[], Awaitable[None]]) -> bool:
         """Run ``body`` until it ends or the peer leaves; True when the peer left."""
@@ -161,25 +177,44 @@ class Watchers:
         backlog: list[ChangeFrame],
         last: int,
     ) -> None:
-        for frame in backlog:
-            line = self.lines.line(frame, call.kinds, call.level)
+        for old in backlog:
+            line = self.lines.line(old, call.kinds, call.level)
             if line is not None:
                 await self._write(responder, line)
-            last = frame.revision
+            last = old.revision
+        parked = _Parked(responder, call.kinds, call.level, last)
         while True:
+            self._parked[id(parked)] = parked
+            frame: ChangeFrame | None = None
+            overflowed = closed = False
             try:
-                with trio.move_on_after(self.heartbeat) as timer:
+                with trio.move_on_after(self.heartbeat):
                     frame = await subscription.receive()
             except Overflowed:
+                overflowed = True
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                closed = True
+            finally:
+                del self._parked[id(parked)]
+            last = max(last, parked.last)
+            if parked.failure is not None:
+                raise parked.failure
+            if parked.rest:
+                rest, parked.rest = parked.rest, b""
+                with trio.move_on_after(self.write_timeout) as stuck:
+                    await responder.write_rest(rest)
+                if stuck.cancelled_caught:
+                    raise _Stuck
+            if overflowed:
                 self.metrics.watch_overflow()
                 await self._write(responder, overflow_line(last))
                 await responder.end()
                 return
-            except (trio.EndOfChannel, trio.ClosedResourceError):
+            if closed:
                 await self._write(responder, bookmark_line(last))
                 await responder.end()
                 return
-            if timer.cancelled_caught:
+            if frame is None:  # heartbeat
                 await self._write(responder, bookmark_line(last))
                 continue
             if frame.revision <= last:
@@ -187,7 +222,27 @@ class Watchers:
             line = self.lines.line(frame, call.kinds, call.level)
             if line is not None:
                 await self._write(responder, line)
-            last = frame.revision
+            last = parked.last = frame.revision
+
+    def deliver(self, frame: ChangeFrame) -> None:
+        """Write ``frame`` at once to every watcher parked waiting for it (no task switch).
+
+        Called synchronously when a frame is published. A watcher whose socket takes the
+        whole line is done; the rest of a partial write is left to its task, which also
+        skips frames written here. This keeps fan-out to thousands of watchers to one
+        non-blocking write each.
+        """
+        for parked in list(self._parked.values()):
+            if parked.rest or parked.failure is not None or frame.revision <= parked.last:
+                continue
+            line = self.lines.line(frame, parked.kinds, parked.level)
+            if line is not None:
+                try:
+                    parked.rest = parked.responder.write_nowait(line)
+                except HttpIOError as exc:
+                    parked.failure = exc
+                    continue
+            parked.last = frame.revision
 
     # ------------------------------------------------------------------ /v1/events
 
