@@ -133,6 +133,11 @@ class StateKeeper:
             now = time.time()
             before = self.store.revision
             current = self.store.snapshot or Snapshot()
+            if self.store.snapshot is not None and all(
+                getattr(current, name) == value for name, value in fields.items()
+            ):
+                self.fetched_at[endpoint] = now  # the usual poll: nothing new to diff
+                return
             new = msgspec.structs.replace(current, **fields)
             frame = self.store.apply(new, now, new_content=_appeared(current, new))
             self.fetched_at[endpoint] = now
