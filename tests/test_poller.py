@@ -8,14 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import pytest
 import trio
 import trio.testing
+from emulator_support import start_emulator
 
-from imdsd import httpio, poller
+from imdsd import poller
 from imdsd.config import Config, ImdsConfig, PollConfig
-from imdsd.emulator.server import EmulatorConfig, serve_emulator
 from imdsd.health import HealthBoard, Transition
 from imdsd.model import Instance, Snapshot
 from imdsd.poller import (
@@ -29,43 +28,6 @@ from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import ImdsClient
 
 # ---------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Emulator:
-    """A running emulator and a way to drive its control API."""
-
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def control(self, method: str, path: str, body: Any = None) -> Any:
-        stream = await httpio.open_tcp(self.host, self.port, 5)
-        conn = httpio.ClientConnection(stream)
-        try:
-            payload = b"" if body is None else msgspec.json.encode(body)
-            response = await conn.request(
-                method, "/_emulator/" + path, [("Host", "emulator")], payload, timeout=5
-            )
-        finally:
-            await conn.aclose()
-        assert response.status < 300, response.body
-        return msgspec.json.decode(response.body)
-
-    async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.control("GET", "stats")
-        return result
-
-    async def faults(self, *specs: dict[str, Any]) -> None:
-        await self.control("POST", "faults", list(specs))
-
-
-async def start_emulator(nursery: trio.Nursery, profile: str = "azure") -> Emulator:
-    host, port = await nursery.start(serve_emulator, EmulatorConfig(port=0, profile=profile))
-    return Emulator(host, port)
 
 
 def make_config(url: str, *, rate: float = 2.0, **poll: float) -> Config:

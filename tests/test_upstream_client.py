@@ -17,10 +17,10 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from emulator_support import start_emulator
 
 from imdsd import __version__, httpio
 from imdsd.config import ImdsConfig
-from imdsd.emulator.server import EmulatorConfig, serve_emulator
 from imdsd.upstream.budget import Budget, Priority
 from imdsd.upstream.client import (
     ConnectError,
@@ -34,43 +34,6 @@ from imdsd.upstream.client import (
 from imdsd.upstream.retry import Decision, Outcome, Retry, RetryPolicy
 
 # ---------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Emulator:
-    """A running emulator and a way to drive its control API."""
-
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def control(self, method: str, path: str, body: Any = None) -> Any:
-        stream = await httpio.open_tcp(self.host, self.port, 5)
-        conn = httpio.ClientConnection(stream)
-        try:
-            payload = b"" if body is None else msgspec.json.encode(body)
-            response = await conn.request(
-                method, "/_emulator/" + path, [("Host", "emulator")], payload, timeout=5
-            )
-        finally:
-            await conn.aclose()
-        assert response.status < 300, response.body
-        return msgspec.json.decode(response.body)
-
-    async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.control("GET", "stats")
-        return result
-
-    async def fault(self, **spec: Any) -> None:
-        await self.control("POST", "faults", spec)
-
-
-async def start_emulator(nursery: trio.Nursery, profile: str = "azure") -> Emulator:
-    host, port = await nursery.start(serve_emulator, EmulatorConfig(port=0, profile=profile))
-    return Emulator(host, port)
 
 
 def make_client(url: str, *, api_version: str = "auto", rate: float = 4.0, **kw: Any) -> ImdsClient:
