@@ -63,6 +63,15 @@ class ConnectFailed(HttpIOError):
     """A connection could not be opened (refused, unreachable, timed out)."""
 
 
+def find_header(headers: Headers, name: str) -> str | None:
+    """The first value of header ``name`` (case-insensitive) in h11-style headers, or None."""
+    wanted = name.lower().encode("latin-1")
+    for key, value in headers:
+        if key == wanted:
+            return value.decode("latin-1")
+    return None
+
+
 class Request:
     """One HTTP request as the server received it (body read in full)."""
 
@@ -96,11 +105,7 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
-        wanted = name.lower().encode("latin-1")
-        for key, value in self.headers:
-            if key == wanted:
-                return value.decode("latin-1")
-        return None
+        return find_header(self.headers, name)
 
 
 class Response:
@@ -116,11 +121,7 @@ class Response:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
-        wanted = name.lower().encode("latin-1")
-        for key, value in self.headers:
-            if key == wanted:
-                return value.decode("latin-1")
-        return None
+        return find_header(self.headers, name)
 
 
 class _Wire:
