@@ -339,7 +339,15 @@ async def test_budget_holds_under_a_60s_storm(
     failures = [h.failures for h in running.board.endpoints.values()]
     for kind in ("throttled", "service", "unreachable"):
         assert sum(f[kind] for f in failures) > 0, kind
-    assert running.board.status(trio.current_time()) == "ok"
+    # recovered: nothing is failing any more, and every endpoint got through recently. Demand
+    # (three 1 s pollers) exceeds the budget (2/s) here by design, so the lowest-priority
+    # endpoint is served only when its wait is promoted (after 3 s): it may sit right at the
+    # 3-interval staleness line, which is why "ok" is not asserted at one instant.
+    now = trio.current_time()
+    for health in running.board.endpoints.values():
+        assert health.consecutive_failures == 0, running.board.to_json(now, 0.0)
+        assert health.last_success is not None
+        assert now - health.last_success <= 3 * health.interval + 2, running.board.to_json(now, 0.0)
 
 
 @pytest.mark.parametrize(("rate", "events_at_least"), [(2.0, 55), (1.0, 15)])
