@@ -28,6 +28,12 @@ _HANDLERS = {
 }
 
 
+def fail(message: str, code: int) -> int:
+    """Print one ``imdsd: message`` line on stderr (no traceback) and return ``code``."""
+    sys.stderr.write(f"imdsd: {message}\n")
+    return code
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE
+from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, fail
 from imdsd.client import ApiError, Client, DaemonUnreachable, error_message, read_target
 from imdsd.config import ConfigError, load_config
 from imdsd.frames import KINDS, Change, ChangeFrame, Frame, StateFrame, encode_line
@@ -28,23 +28,18 @@ def resolve_socket(args: argparse.Namespace) -> str:
     return load_config(getattr(args, "config", None)).server.socket
 
 
-def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"imdsd: {message}\n")
-    return code
-
-
 def _guarded(run: Any, args: argparse.Namespace) -> int:
     try:
         result: int = run(args)
         return result
     except DaemonUnreachable as exc:
-        return _fail(f"{exc} (is imdsd running? set --socket or IMDSD_SOCKET)", EXIT_UNREACHABLE)
+        return fail(f"{exc} (is imdsd running? set --socket or IMDSD_SOCKET)", EXIT_UNREACHABLE)
     except ConfigError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+        return fail(str(exc), EXIT_CONFIG)
     except ApiError as exc:
-        return _fail(str(exc), EXIT_FAILURE)
+        return fail(str(exc), EXIT_FAILURE)
     except _UsageError as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     except BrokenPipeError:
         return EXIT_OK
 
@@ -53,7 +48,7 @@ def _get(args: argparse.Namespace) -> int:
     client = Client(resolve_socket(args))
     status, _, body = client.request("GET", read_target(args.path, args.format))
     if status >= 400:
-        return _fail(f"{args.path or 'instance'}: HTTP {status}: {error_message(body)}", 1)
+        return fail(f"{args.path or 'instance'}: HTTP {status}: {error_message(body)}", 1)
     text = body.decode("utf-8")
     if args.format == "json" and sys.stdout.isatty():
         text = msgspec.json.format(body, indent=2).decode("utf-8")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -28,7 +27,7 @@ from imdsd.api.context import Endpoint, Freshness
 from imdsd.api.metrics import Metrics
 from imdsd.api.server import ApiServer, ListenError, open_listeners
 from imdsd.broadcast import Subscription
-from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail
 from imdsd.config import Config, ConfigError, load_config
 from imdsd.frames import ChangeFrame, GoneFrame
 from imdsd.health import HealthBoard
@@ -40,6 +39,7 @@ from imdsd.logs import configure_logging
 from imdsd.model import Snapshot
 from imdsd.persist import PersistError
 from imdsd.poller import run_pollers
+from imdsd.store import format_timestamp
 from imdsd.systemd import Notifier, SystemdError, listen_fds
 from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import GaveUp, ImdsClient
@@ -165,7 +165,7 @@ class Daemon:
             version=__version__,
             revision=self.keeper.revision,
             oldest=self.keeper.store.oldest,
-            fetched_at={k: _rfc3339(v) for k, v in self.keeper.fetched_at.items()},
+            fetched_at={k: format_timestamp(v) for k, v in self.keeper.fetched_at.items()},
             watchers=self.api.watchers.active,
             connections=self.api.http.active,
             state_save_failures=self.keeper.save_failures,
@@ -329,12 +329,6 @@ class Daemon:
             await trio.sleep(interval)
 
 
-def _rfc3339(unix: float) -> str:
-    from imdsd.store import format_timestamp
-
-    return format_timestamp(unix)
-
-
 def _unix_path(sock: Any) -> str | None:
     try:
         name = sock.getsockname()
@@ -343,30 +337,25 @@ def _unix_path(sock: Any) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"imdsd: {message}\n")
-    return code
-
-
 def run_command(args: argparse.Namespace) -> int:
     """``imdsd run [-c FILE]``: run the daemon in the foreground."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+        return fail(str(exc), EXIT_CONFIG)
     configure_logging(config.log.level, config.log.format)
     notifier = Notifier.from_env()
     try:
         inherited = [sock for sock, _name in listen_fds()]
     except SystemdError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+        return fail(str(exc), EXIT_CONFIG)
     try:
         daemon = Daemon(config, args.config, notifier=notifier, inherited=inherited)
         trio.run(daemon.run)
     except ListenError as exc:
-        return _fail(str(exc), EXIT_FAILURE)
+        return fail(str(exc), EXIT_FAILURE)
     except PersistError as exc:
-        return _fail(str(exc), EXIT_FAILURE)
+        return fail(str(exc), EXIT_FAILURE)
     finally:
         notifier.close()
     return EXIT_OK

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import h11
+import msgspec
 import structlog
 import trio
 
@@ -381,8 +382,6 @@ class ServerLimits:
 
 def json_error(message: str) -> bytes:
     """The JSON error body ``{"error": message}``."""
-    import msgspec
-
     return msgspec.json.encode({"error": message})
 
 

@@ -14,41 +14,18 @@ from typing import Any
 
 import msgspec
 import trio
+from emulator_support import Emulator
 
 from imdsd.emulator.server import EmulatorConfig, serve_emulator
-from imdsd.httpio import ClientConnection, HttpIOError, Response, open_tcp, open_unix
-
-
-class Emulated:
-    """A running emulator and a way to drive its control API."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.endpoint = f"http://{host}:{port}"
-
-    async def call(self, method: str, target: str, body: Any = None) -> Response:
-        """One control-API request."""
-        data = b"" if body is None else msgspec.json.encode(body)
-        conn = ClientConnection(await open_tcp(self.host, self.port, 5))
-        try:
-            headers = [("host", "emulator"), ("content-type", "application/json")]
-            return await conn.request(method, target, headers, data, timeout=10)
-        finally:
-            await conn.aclose()
-
-    async def action(self, **spec: Any) -> None:
-        """Run one scenario action (``set_tag``, ``attach_disk``, ...) on the emulated VM."""
-        reply = await self.call("POST", "/_emulator/actions", spec)
-        assert reply.status == 200, reply.body
+from imdsd.httpio import ClientConnection, HttpIOError, Response, open_unix
 
 
 @asynccontextmanager
-async def emulator(**options: Any) -> AsyncIterator[Emulated]:
+async def emulator(**options: Any) -> AsyncIterator[Emulator]:
     """Run an emulator on an ephemeral loopback port for the duration of the block."""
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(serve_emulator, EmulatorConfig(**options))
-        yield Emulated(host, port)
+        yield Emulator(host, port)
         nursery.cancel_scope.cancel()
 
 

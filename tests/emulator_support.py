@@ -24,19 +24,27 @@ class Emulator:
         """The emulator's base URL."""
         return f"http://{self.host}:{self.port}"
 
-    async def control(self, method: str, path: str, body: Any = None) -> Any:
-        """One request to ``/_emulator/<path>``; returns the decoded JSON answer."""
-        stream = await httpio.open_tcp(self.host, self.port, 5)
-        conn = httpio.ClientConnection(stream)
+    endpoint = url
+
+    async def call(self, method: str, target: str, body: Any = None) -> httpio.Response:
+        """One request to the emulator; returns the raw response."""
+        data = b"" if body is None else msgspec.json.encode(body)
+        conn = httpio.ClientConnection(await httpio.open_tcp(self.host, self.port, 5))
         try:
-            payload = b"" if body is None else msgspec.json.encode(body)
-            response = await conn.request(
-                method, "/_emulator/" + path, [("Host", "emulator")], payload, timeout=5
-            )
+            headers = [("host", "emulator"), ("content-type", "application/json")]
+            return await conn.request(method, target, headers, data, timeout=10)
         finally:
             await conn.aclose()
+
+    async def control(self, method: str, path: str, body: Any = None) -> Any:
+        """One request to ``/_emulator/<path>``; returns the decoded JSON answer."""
+        response = await self.call(method, "/_emulator/" + path, body)
         assert response.status < 300, response.body
         return msgspec.json.decode(response.body)
+
+    async def action(self, **spec: Any) -> None:
+        """Run one scenario action (``set_tag``, ``attach_disk``, ...) on the emulated VM."""
+        await self.control("POST", "actions", spec)
 
     async def stats(self) -> dict[str, Any]:
         """Request counts by path and status, and the peak requests per second."""

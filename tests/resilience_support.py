@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import msgspec
 import trio
-from daemon_support import Emulated, emulator
+from daemon_support import emulator
+from emulator_support import Emulator
 
 from imdsd.config import Config, HooksConfig, ImdsConfig, PollConfig, ServerConfig, StateConfig
 from imdsd.daemon import Daemon
@@ -75,7 +76,7 @@ class Running:
     """A daemon and its emulator running inside the test's trio run."""
 
     daemon: Daemon
-    emu: Emulated
+    emu: Emulator
     socket: str
 
     async def get(self, target: str) -> Response:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from imdsd.api.metrics import Metrics, status_class
 from imdsd.frames import Change
-from imdsd.hooks.stats import HookMetrics
+from imdsd.hooks.stats import HookCounters, HookMetrics
 
 FAMILIES = {
     "imdsd_upstream_requests_total": "counter",
@@ -24,21 +23,6 @@ FAMILIES = {
     "imdsd_hook_duration_seconds": "summary",
 }
 SAMPLE = re.compile(r'^[a-z_]+(\{([a-z]+="[^"\\\n]*(\\.[^"\\\n]*)*",?)*\})? [-+0-9.eInfNa]+$')
-
-
-@dataclass
-class Counters:
-    runs: int = 0
-    failures: int = 0
-    timeouts: int = 0
-    give_ups: int = 0
-    duration_sum: float = 0.0
-    duration_count: int = 0
-
-
-@dataclass
-class HookSource:
-    hooks: dict[str, Counters] = field(default_factory=dict)
 
 
 def samples(text: str) -> dict[str, float]:
@@ -103,9 +87,9 @@ def test_counters_histograms_and_gauges() -> None:
 
 
 def test_hook_counters_are_pulled() -> None:
-    source = HookSource({"remount": Counters(runs=5, failures=1, timeouts=1, give_ups=1)})
+    source = HookMetrics({"remount": HookCounters(runs=5, failures=1, timeouts=1, give_ups=1)})
     metrics = Metrics(hooks=source)
-    source.hooks['we"ird'] = Counters(runs=1, duration_sum=0.5, duration_count=1)
+    source.hooks['we"ird'] = HookCounters(runs=1, duration_sum=0.5, duration_count=1)
     values = samples(metrics.render().decode())
     assert values['imdsd_hook_runs_total{hook="remount",result="ok"}'] == 3
     assert values['imdsd_hook_runs_total{hook="remount",result="failed"}'] == 1

@@ -20,7 +20,8 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from daemon_support import Emulated, daemon, emulator, write_config
+from daemon_support import daemon, emulator, write_config
+from emulator_support import Emulator
 from resilience_support import (
     BIG_COUNT,
     FastWatcher,
@@ -193,7 +194,7 @@ def _mutations(rng: random.Random) -> list[tuple[dict[str, Any], tuple[str, str,
 
 
 async def _mutate(
-    emu: Emulated,
+    emu: Emulator,
     plan: list[tuple[dict[str, Any], tuple[str, str, str]]],
     rng: random.Random,
     applied: list[tuple[str, str, str]],
@@ -348,7 +349,7 @@ WRITE_TIMEOUT = 30.0  # imdsd.api.watch.Watchers default, not configurable
 BLOB = 48 * 1024  # a tag value; every change frame carries its old and new value
 
 
-async def _change_blob(emu: Emulated, count: int, every: float) -> None:
+async def _change_blob(emu: Emulator, count: int, every: float) -> None:
     """Give the ``blob`` tag a new ~48 KB value every ``every`` seconds."""
     for i in range(count):
         await emu.action(action="set_tag", name="blob", value=f"{i:06d}".ljust(BLOB, "x"))
