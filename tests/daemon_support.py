@@ -154,10 +154,10 @@ class NotifySocket:
         """Every ``KEY=VALUE`` line received, in order."""
         return [line for _, message in self.messages for line in message.split("\n") if line]
 
-    async def wait_for(self, line: str, timeout: float = 15) -> None:
-        """Wait until ``line`` has been received."""
+    async def wait_for(self, line: str, timeout: float = 15, count: int = 1) -> None:
+        """Wait until ``line`` has been received ``count`` times."""
         with trio.fail_after(timeout):
-            while line not in self.lines():
+            while self.lines().count(line) < count:
                 await trio.sleep(0.02)
 
     def close(self) -> None:

@@ -66,6 +66,7 @@ async def test_reload_applies_valid_and_keeps_old_on_invalid(tmp_path: Path) -> 
                     e.get("event") == "configuration reloaded" for e in proc.log_events()
                 ):
                     await trio.sleep(0.05)
+            await notify.wait_for("RELOADING=1")
             assert notify.lines().count("RELOADING=1") == 1
             await emu.action(action="set_tag", name="after-reload", value="1")
             with trio.fail_after(10):
@@ -79,6 +80,7 @@ async def test_reload_applies_valid_and_keeps_old_on_invalid(tmp_path: Path) -> 
                     e.get("event", "").startswith("reload failed") for e in proc.log_events()
                 ):
                     await trio.sleep(0.05)
+            await notify.wait_for("READY=1", count=3)
             assert notify.lines().count("RELOADING=1") == 2
             assert notify.lines().count("READY=1") == 3
             assert (await proc.get("/v1/health")).status == 200

@@ -467,14 +467,14 @@ class Router:
         """``GET /v1/health``: 200 ok/degraded, 503 starting."""
         details = dict(self.ctx.health())
         status = details.pop("status", "ok")
-        if not self._ready():
-            status = "starting"
+        if status == "starting" or not self._ready():
+            return json_reply(503, {"status": "starting"})  # CONTRACT 3, exactly
         body: dict[str, Any] = {"status": status, **details}
         body.setdefault("revision", self.ctx.revision)
         for name, value in self.live().items():
             body.setdefault(name, value)
         body.setdefault("hooks", list(self.ctx.hook_status()))
-        return json_reply(503 if status == "starting" else 200, body)
+        return json_reply(200, body)
 
     def metrics_text(
         self, query: Sequence[tuple[str, str]], inm: str | None, peer: Peer | None
