@@ -1,11 +1,12 @@
 """The one trio <-> h11 adapter, shared by the emulator, the socket server and the IMDS client.
 
 Server side: :func:`serve_connection` runs HTTP/1.1 on one accepted stream (keep-alive,
-pipelining, idle and per-request deadlines, header and body limits) and calls a handler with a
-:class:`Request` and a :class:`Responder`. :class:`HttpServer` accepts on listeners and caps the
-number of connections. Client side: :class:`ClientConnection` sends requests on one keep-alive
-connection. trio and h11 errors are mapped to :class:`HttpIOError` subclasses at this boundary;
-a peer resetting the connection never escapes a connection's task.
+pipelining, per-request deadlines, header and body limits) and calls a handler with a
+:class:`Request` and a :class:`Responder`; :class:`IdleConnections` closes connections left
+idle. :class:`HttpServer` accepts on listeners, caps the number of connections and runs both.
+Client side: :class:`ClientConnection` sends requests on one keep-alive connection. trio and
+h11 errors are mapped to :class:`HttpIOError` subclasses at this boundary; a peer resetting the
+connection never escapes a connection's task.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -76,7 +77,7 @@ def find_header(headers: Headers, name: str) -> str | None:
 class Request:
     """One HTTP request as the server received it (body read in full)."""
 
-    __slots__ = ("_query", "body", "headers", "method", "path", "peer", "raw_query", "target")
+    __slots__ = ("_path", "_query", "body", "headers", "method", "peer", "target")
 
     def __init__(
         self, method: str, target: str, headers: Headers, body: bytes, peer: Any = None
@@ -84,11 +85,22 @@ class Request:
         self.peer = peer
         self.method = method
         self.target = target
-        path, _, self.raw_query = target.partition("?")
-        self.path = unquote(path)
         self.headers = headers
         self.body = body
+        self._path: str | None = None
         self._query: list[tuple[str, str]] | None = None
+
+    @property
+    def path(self) -> str:
+        """The target's path, percent-decoded."""
+        if self._path is None:
+            self._path = unquote(self.target.partition("?")[0])
+        return self._path
+
+    @property
+    def raw_query(self) -> str:
+        """The target's query string as sent (after ``?``; empty when there is none)."""
+        return self.target.partition("?")[2]
 
     @property
     def query(self) -> list[tuple[str, str]]:
@@ -397,13 +409,66 @@ async def _send_error(wire: _Wire, responder: Responder, status: int, message: s
         await responder.send(status, [(b"content-type", b"application/json")], json_error(message))
 
 
-async def _read_request(wire: _Wire, limits: ServerLimits, peer: Any) -> Request | None:
-    """Wait (idle deadline) for the next request, then read it in full (request deadline)."""
+class _Waiting:
+    """One connection as :class:`IdleConnections` sees it: since when it waits, and its scope."""
+
+    __slots__ = ("scope", "since")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.since: float | None = None
+
+
+class IdleConnections:
+    """Closes keep-alive connections that wait longer than ``timeout`` for their next request.
+
+    A deadline scope per request would cost trio a deadline registered and removed each time
+    (about a sixth of a cached read); instead a connection notes when it starts waiting and
+    :meth:`run` sweeps every ``timeout / 4`` (at most 5 s), so an idle connection is closed
+    between ``timeout`` and ``1.25 * timeout``. A request crossing the close is lost as with
+    any server's idle close (clients retry such requests on a fresh connection).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._entries: set[_Waiting] = set()
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[_Waiting]:
+        """Track one connection while the block runs; enter the entry's ``scope`` around it."""
+        entry = _Waiting()
+        self._entries.add(entry)
+        try:
+            yield entry
+        finally:
+            self._entries.discard(entry)
+
+    def sweep(self, now: float) -> int:
+        """Cancel the connections waiting since ``timeout`` or longer; how many there were."""
+        closed = 0
+        for entry in self._entries:
+            since = entry.since
+            if since is not None and now - since >= self.timeout and not entry.scope.cancel_called:
+                entry.scope.cancel()
+                closed += 1
+        return closed
+
+    async def run(self) -> None:
+        """Sweep until cancelled."""
+        period = min(max(self.timeout / 4, 0.01), 5.0)
+        while True:
+            await trio.sleep(period)
+            self.sweep(trio.current_time())
+
+
+async def _read_request(
+    wire: _Wire, limits: ServerLimits, peer: Any, waiting: _Waiting
+) -> Request | None:
+    """Wait (tracked as idle) for the next request, then read it in full (request deadline)."""
     if not wire.has_buffered_data():
-        with trio.move_on_after(limits.idle_timeout) as idle:
-            await wire.receive_into_h11()
-        if idle.cancelled_caught:
-            return None
+        waiting.since = trio.current_time()
+        await wire.receive_into_h11()
+        waiting.since = None
     deadline = trio.current_time() + limits.request_timeout
     try:
         event = await wire.next_event(deadline)
@@ -430,6 +495,7 @@ async def serve_connection(
     stream: trio.abc.Stream,
     handler: Handler,
     limits: ServerLimits,
+    idle: IdleConnections,
     *,
     server_header: bytes = b"imdsd/" + __version__.encode(),
     reject_status: int | None = None,
@@ -437,42 +503,44 @@ async def serve_connection(
 ) -> None:
     """Serve HTTP/1.1 on one stream until the peer leaves; never raises (but Cancelled).
 
-    With ``reject_status`` every request is answered with that status and the connection is
-    closed (used for connections beyond ``max_connections``). ``peer`` is attached to every
-    request as ``request.peer`` (e.g. the peer's credentials).
+    ``idle`` closes the connection when it waits too long for a request (its :meth:`run
+    <IdleConnections.run>` must be running). With ``reject_status`` every request is answered
+    with that status and the connection is closed (used for connections beyond
+    ``max_connections``). ``peer`` is attached to every request as ``request.peer``.
     """
     wire = _Wire(stream, h11.SERVER, limits.max_head)
-    try:
-        while True:
-            responder = Responder(wire, server_header)
-            try:
-                request = await _read_request(wire, limits, peer)
-                if request is None:
+    with idle.tracking() as waiting, waiting.scope:
+        try:
+            while True:
+                responder = Responder(wire, server_header)
+                try:
+                    request = await _read_request(wire, limits, peer, waiting)
+                    if request is None:
+                        break
+                    if reject_status is not None:
+                        await _send_error(wire, responder, reject_status, "too many connections")
+                        break
+                    await handler(request, responder)
+                except PeerClosed:
                     break
-                if reject_status is not None:
-                    await _send_error(wire, responder, reject_status, "too many connections")
+                except HttpIOError as exc:
+                    status = getattr(exc, "status", None) or _STATUS_FOR.get(type(exc), 400)
+                    await _send_error(wire, responder, status, str(exc))
                     break
-                await handler(request, responder)
-            except PeerClosed:
-                break
-            except HttpIOError as exc:
-                status = getattr(exc, "status", None) or _STATUS_FOR.get(type(exc), 400)
-                await _send_error(wire, responder, status, str(exc))
-                break
-            except Exception:
-                log.exception("request handler failed")
-                await _send_error(wire, responder, 500, "internal error")
-                break
-            if wire.conn.our_state is h11.MUST_CLOSE or responder.close_after:
-                break
-            try:
-                wire.conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                # the handler did not read or answer the request completely
-                break
-    finally:
-        with trio.CancelScope(shield=True):
-            await wire.close(limits.drain_timeout)
+                except Exception:
+                    log.exception("request handler failed")
+                    await _send_error(wire, responder, 500, "internal error")
+                    break
+                if wire.conn.our_state is h11.MUST_CLOSE or responder.close_after:
+                    break
+                try:
+                    wire.conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    # the handler did not read or answer the request completely
+                    break
+        finally:
+            with trio.CancelScope(shield=True):
+                await wire.close(limits.drain_timeout)
 
 
 class HttpServer:
@@ -497,12 +565,13 @@ class HttpServer:
         self.limits = limits or ServerLimits()
         self.max_connections = max_connections
         self.server_header = server_header
+        self.idle = IdleConnections(self.limits.idle_timeout)
         self.active = 0
         self.accepted = 0
         self.rejected = 0
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        """Serve one accepted stream (also usable directly in tests)."""
+        """Serve one accepted stream (idle connections are closed only while :meth:`serve` runs)."""
         self.active += 1
         self.accepted += 1
         reject = 503 if self.active > self.max_connections else None
@@ -513,6 +582,7 @@ class HttpServer:
                 stream,
                 self.handler,
                 self.limits,
+                self.idle,
                 server_header=self.server_header,
                 reject_status=reject,
                 peer=self.peer_info(stream) if self.peer_info else None,
@@ -532,6 +602,7 @@ class HttpServer:
         """
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.idle.run)
                 for listener in listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 task_status.started()

@@ -50,9 +50,7 @@ def call(
     inm: str | None = None,
     peer: Peer | None = ROOT,
 ) -> Outcome:
-    path, _, query = target.partition("?")
-    pairs = [tuple(p.split("=", 1)) for p in query.split("&") if p]
-    return router.route(method, path, [(k, v) for k, v in pairs], inm, peer)
+    return router.route_target(method, target, inm, peer)
 
 
 def reply(router: Router, target: str, **kwargs: Any) -> Reply:
@@ -196,6 +194,36 @@ def test_replies_are_built_once_per_revision() -> None:
     assert header(refreshed, "x-imdsd-stale") == "true"
     assert header(refreshed, "x-imdsd-fetched-at") == "2023-11-14T22:13:30.000Z"
     assert reply(router, "/metadata/instance/compute/tags?format=text") is refreshed
+
+
+def test_instance_reads_are_found_again_by_raw_target() -> None:
+    ctx = started_context()
+    router = make_router(ctx)
+    target = "/metadata/instance/compute/tags?format=text"
+    first = reply(router, target)
+    assert reply(router, target) is first
+    assert reply(router, target, inm='"1"').status == 304
+    assert reply(router, target, method="POST").status == 405
+    encoded = reply(router, "/metadata/instance/compute/vm%53ize?format=%74ext")
+    assert encoded.body == b"Standard_A3"
+    assert reply(router, "/metadata/instance/compute/vm%53ize?format=%74ext") is encoded
+    assert reply(router, target + "&format=json").status == 400
+    # the same target at another access level is answered for that level
+    compute = "/metadata/instance/compute"
+    assert "userData" in body(reply(router, compute, peer=ROOT))
+    assert "userData" not in body(reply(router, compute, peer=USER))
+    assert "userData" in body(reply(router, compute, peer=ROOT))
+    # a new revision, new freshness or a new policy each give a fresh reply
+    ctx.tag("env", "prod")
+    tagged = reply(router, target)
+    assert tagged.body == b"baz:bash;foo:bar;env:prod"
+    ctx.fresh["instance"] = Freshness(FETCHED + 5, True)
+    stale = reply(router, target)
+    assert stale is not tagged
+    assert header(stale, "x-imdsd-stale") == "true"
+    router.reset(AccessPolicy(["compute/tags"], [0], []))
+    assert reply(router, target, peer=USER).status == 403
+    assert reply(router, target, peer=ROOT).body == tagged.body
 
 
 def test_snapshot_change_without_revision_is_served() -> None:

@@ -18,6 +18,7 @@ from imdsd.httpio import (
     ConnectFailed,
     Deadline,
     HttpServer,
+    IdleConnections,
     PeerClosed,
     Request,
     Responder,
@@ -31,6 +32,8 @@ from imdsd.httpio import (
 async def echo(request: Request, responder: Responder) -> None:
     if request.path == "/boom":
         raise RuntimeError("handler bug")
+    if request.path == "/slow":
+        await trio.sleep(0.5)
     if request.path == "/stream":
         await responder.start(200, [(b"content-type", b"application/x-ndjson")])
         for i in range(3):
@@ -132,6 +135,39 @@ async def test_idle_connection_is_closed(tmp_path: Path) -> None:
         with trio.fail_after(2):
             assert await stream.receive_some(10) == b""
         await stream.aclose()
+
+
+async def test_idle_sweep_cancels_only_connections_waiting_too_long() -> None:
+    idle = IdleConnections(10.0)
+    with idle.tracking() as waiting, idle.tracking() as busy, idle.tracking() as recent:
+        waiting.since = 100.0
+        busy.since = None
+        recent.since = 105.0
+        assert idle.sweep(109.9) == 0
+        assert idle.sweep(110.0) == 1
+        assert waiting.scope.cancel_called
+        assert not busy.scope.cancel_called
+        assert not recent.scope.cancel_called
+        assert idle.sweep(111.0) == 0  # already cancelled
+        assert idle.sweep(115.0) == 1
+    with idle.tracking() as later:
+        later.since = 200.0
+    assert idle.sweep(1000.0) == 0  # no longer tracked
+
+
+async def test_idle_timeout_spares_a_request_being_answered(tmp_path: Path) -> None:
+    async with (
+        running(tmp_path, ServerLimits(idle_timeout=0.1)) as (path, _),
+        connected(path) as client,
+    ):
+        response = await client.request("GET", "/slow", [("host", "t")])
+        assert response.status == 200
+        assert (await client.request("GET", "/", [("host", "t")])).status == 200
+        start = trio.current_time()
+        while client.reusable and trio.current_time() - start < 2:
+            await trio.sleep(0.01)
+        assert not client.reusable
+        assert 0.1 <= trio.current_time() - start < 0.5
 
 
 async def test_handler_error_is_500(tmp_path: Path) -> None:

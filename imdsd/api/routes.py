@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, unquote
 
 import msgspec
 
@@ -223,6 +224,7 @@ class Router:
         self.max_wait = max_wait
         self.live = live or dict
         self._slots: dict[str, _Slot] = {}
+        self._by_target: dict[tuple[str, Level], tuple[_Slot, Reply]] = {}
         metrics.revision.track(lambda: ctx.revision)
         self._versions: tuple[str, ...] = ()
         self._gets: dict[str, _Get] = {
@@ -240,8 +242,38 @@ class Router:
         """Use ``policy`` from now on and drop every cached reply."""
         self.policy = policy
         self._slots.clear()
+        self._by_target.clear()
 
     # ------------------------------------------------------------------ dispatch
+
+    def route_target(
+        self, method: str, target: str, if_none_match: str | None = None, peer: Peer | None = None
+    ) -> Outcome:
+        """:meth:`route` for a raw request target (``/path?query``, percent-encoded).
+
+        A read of the instance document answered before is found again by its raw target and
+        the peer's access level, and answered without parsing while its slot is current.
+        """
+        level = self.policy.level(peer)
+        known = self._by_target.get((target, level))
+        if known is not None and method == "GET" and self._instance_slot_current(known[0]):
+            hit, reply = known
+            return hit.not_modified if etag_matches(if_none_match, hit.revision) else reply
+        raw_path, _, raw_query = target.partition("?")
+        path = unquote(raw_path)
+        query = parse_qsl(raw_query, keep_blank_values=True)
+        if method != "GET" or not (path == INSTANCE or path.startswith(INSTANCE + "/")):
+            return self.route(method, path, query, if_none_match, peer)
+        try:
+            slot, reply = self._instance_read(path[len(INSTANCE) :], query, peer)
+        except BadRequest as exc:
+            return error(400, str(exc))
+        if slot is None:
+            return reply
+        if len(self._by_target) >= MAX_CACHED:
+            self._by_target.clear()
+        self._by_target[(target, level)] = (slot, reply)
+        return slot.not_modified if etag_matches(if_none_match, slot.revision) else reply
 
     def route(
         self,
@@ -288,7 +320,20 @@ class Router:
         slot = self._slots.get(name)
         if slot is None or not slot.matches(doc, revision, fresh):
             slot = self._slots[name] = _Slot(doc, revision, fresh)
+            if name == "instance":
+                self._by_target.clear()
         return slot
+
+    def _instance_slot_current(self, slot: _Slot) -> bool:
+        """True while ``slot`` holds the current instance document, revision and freshness."""
+        snapshot = self.ctx.snapshot
+        return (
+            snapshot is not None
+            and self._slots.get("instance") is slot
+            and slot.matches(
+                snapshot.instance_raw, self.ctx.revision, self.ctx.freshness("instance")
+            )
+        )
 
     def _fresh(self) -> Freshness:
         """The freshness of the whole state (see the module docstring)."""
@@ -307,20 +352,27 @@ class Router:
         self, rest: str, query: Sequence[tuple[str, str]], inm: str | None, peer: Peer | None
     ) -> Reply:
         """``GET /metadata/instance[/<key-or-index>...][?format=json|text]``."""
+        slot, reply = self._instance_read(rest, query, peer)
+        return slot.not_modified if slot and etag_matches(inm, slot.revision) else reply
+
+    def _instance_read(
+        self, rest: str, query: Sequence[tuple[str, str]], peer: Peer | None
+    ) -> tuple[_Slot | None, Reply]:
+        """The slot and full reply of an instance read; no slot for an error reply."""
         params = _single(query, ("format",))
         try:
             fmt = parse_format(params.get("format"))
         except FilterError as exc:
-            return error(exc.status, str(exc))
+            return None, error(exc.status, str(exc))
         snapshot = self.ctx.snapshot
         if snapshot is None or snapshot.instance_raw is None:
-            return error(503, "no instance document yet: imdsd is starting")
+            return None, error(503, "no instance document yet: imdsd is starting")
         segments = split_path(rest)
         level = self.policy.level(peer)
         access = self.policy.instance_access(segments, level)
         if access == "deny":
             who = f"uid {peer.uid} gid {peer.gid}" if peer else "this peer"
-            return error(403, f"{'/'.join(segments)} is restricted; {who} may not read it")
+            return None, error(403, f"{'/'.join(segments)} is restricted; {who} may not read it")
         slot = self._slot(
             "instance", snapshot.instance_raw, self.ctx.revision, self.ctx.freshness("instance")
         )
@@ -336,11 +388,11 @@ class Router:
             try:
                 body, ctype = render(resolve_path(doc, segments), fmt, leaf_json_allowed=True)
             except FilterError as exc:
-                return error(exc.status, str(exc))
+                return None, error(exc.status, str(exc))
             reply = slot.keep(
                 key, Reply(200, [(b"content-type", ctype.encode()), *slot.meta], body)
             )
-        return slot.not_modified if etag_matches(inm, slot.revision) else reply
+        return slot, reply
 
     def _json_only(self, query: Sequence[tuple[str, str]], path: str) -> None:
         fmt = _single(query, ("format",)).get("format")

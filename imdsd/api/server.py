@@ -231,12 +231,8 @@ class ApiServer:
 
     async def handle(self, request: Request, responder: Responder) -> None:
         """Answer one request (the :class:`imdsd.httpio.HttpServer` handler)."""
-        outcome = self.router.route(
-            request.method,
-            request.path,
-            request.query,
-            request.header("if-none-match"),
-            request.peer,
+        outcome = self.router.route_target(
+            request.method, request.target, request.header("if-none-match"), request.peer
         )
         if isinstance(outcome, Reply):
             await responder.send(outcome.status, outcome.headers, outcome.body)

@@ -33,7 +33,7 @@ from imdsd.emulator.profiles import Profile, get_profile
 from imdsd.emulator.rules import RequestRules
 from imdsd.emulator.scenario import Scenario, ScenarioError, apply_action, dry_run
 from imdsd.emulator.state import StateError, VMState
-from imdsd.httpio import PeerClosed, Request, Responder, ServerLimits, serve_connection
+from imdsd.httpio import HttpServer, PeerClosed, Request, Responder, ServerLimits
 
 log = structlog.get_logger("imdsd.emulator")
 
@@ -106,21 +106,17 @@ class Emulator:
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         sockname = listeners[0].socket.getsockname()
         self._t0 = trio.current_time()
+        http = HttpServer(
+            self._handle, LIMITS, server_header=SERVER_HEADER, peer_info=lambda stream: stream
+        )
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            await nursery.start(http.serve, listeners)
             if self.scenario is not None:
                 nursery.start_soon(self._run_scenario, self.scenario)
             task_status.started((str(sockname[0]), int(sockname[1])))
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        async def handler(request: Request, responder: Responder) -> None:
-            await self._handle(request, responder, stream)
-
-        await serve_connection(stream, handler, LIMITS, server_header=SERVER_HEADER)
-
-    async def _handle(
-        self, request: Request, responder: Responder, stream: trio.SocketStream
-    ) -> None:
+    async def _handle(self, request: Request, responder: Responder) -> None:
+        stream = request.peer  # the connection's stream (peer_info above)
         path = request.path
         if is_control_path(path):
             answer = self.control.handle(
