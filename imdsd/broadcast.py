@@ -47,6 +47,17 @@ class Subscription:
         """Number of frames waiting to be received."""
         return len(self._pending)
 
+    def advance(self, revision: int) -> bool:
+        """Count frames up to ``revision`` as received by other means (a direct write).
+
+        Only when nothing is pending: frames are received in order. Publishing such a frame
+        then neither queues it nor wakes the receiver. True when advanced.
+        """
+        if self._pending or self._closed or self._overflowed:
+            return False
+        self._last = max(self._last, revision)
+        return True
+
     def receive_nowait(self) -> ChangeFrame:
         """Return the next pending frame without waiting.
 

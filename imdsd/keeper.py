@@ -163,12 +163,12 @@ class StateKeeper:
             kinds=sorted({c.kind for c in frame.changes}),
             count=len(frame.changes),
         )
-        self.broadcaster.publish(frame)
-        for listener in self.listeners:
+        for listener in self.listeners:  # first: the API writes to parked watchers directly
             try:
                 listener(frame)
             except Exception:
                 log.exception("frame listener failed")
+        self.broadcaster.publish(frame)
 
     def _wake_revision_waiters(self) -> None:
         self._revision_event.set()

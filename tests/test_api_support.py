@@ -138,9 +138,9 @@ class FakeContext:
         self.clock += 1
         frame = self.store.apply(snapshot, self.clock)
         if frame is not None:
-            self.broadcaster.publish(frame)
             for listener in self.listeners:
                 listener(frame)
+            self.broadcaster.publish(frame)
         return frame
 
     def tag(self, name: str, value: str) -> ChangeFrame:

@@ -409,3 +409,24 @@ async def test_direct_fan_out_delivers_each_revision_once_in_order(tmp_path: Pat
             if i % 3 == 0:
                 await trio.lowlevel.checkpoint()  # some frames find tasks parked, some not
     assert all(seen == published for seen in received)
+
+
+async def test_parked_watchers_written_directly_are_not_woken(tmp_path: Path) -> None:
+    """A frame written at publish time is counted as received: no queue, no task wake-up."""
+    ctx = started_context()
+    async with (
+        running_api(tmp_path, ctx, heartbeat=60) as (path, api),
+        watching(path, "/v1/watch") as (_, all_frames),
+        watching(path, "/v1/watch?kinds=disks") as (_, disk_frames),
+    ):
+        await all_frames()  # state
+        await disk_frames()  # state
+        await wait_for(lambda: len(api.watchers._parked) == 2)
+        parked = list(api.watchers._parked.values())
+        revision = ctx.tag("env", "prod").revision
+        assert [p.subscription.pending for p in parked] == [0, 0]
+        assert [p.subscription.revision for p in parked] == [revision, revision]
+        frame = await all_frames()
+        assert frame is not None
+        assert frame["revision"] == revision
+        assert len(api.watchers._parked) == 2

@@ -90,6 +90,21 @@ async def test_frames_up_to_after_are_skipped() -> None:
     assert subscription.revision == 6
 
 
+async def test_advance_counts_frames_received_by_other_means() -> None:
+    broadcaster = Broadcaster()
+    subscription = broadcaster.subscribe(max_pending=4)
+    assert subscription.advance(2)
+    for revision in (1, 2):
+        broadcaster.publish(frame(revision))
+    assert subscription.pending == 0
+    broadcaster.publish(frame(3))
+    assert not subscription.advance(4)  # frame 3 is still pending: order is kept
+    broadcaster.publish(frame(4))
+    assert [(await subscription.receive()).revision for _ in range(2)] == [3, 4]
+    assert subscription.advance(4)
+    assert subscription.revision == 4
+
+
 async def test_closed_subscriptions_are_removed() -> None:
     broadcaster = Broadcaster()
     with broadcaster.subscribe(max_pending=4) as subscription:

@@ -52,10 +52,13 @@ class _Progress:
 class _Parked:
     """A watch stream waiting for its next frame, which :meth:`Watchers.deliver` may write."""
 
-    __slots__ = ("failure", "kinds", "last", "level", "responder", "rest")
+    __slots__ = ("failure", "kinds", "last", "level", "responder", "rest", "subscription")
 
-    def __init__(self, responder: Responder, kinds: Any, level: Any, last: int) -> None:
+    def __init__(
+        self, responder: Responder, subscription: Subscription, kinds: Any, level: Any, last: int
+    ) -> None:
         self.responder = responder
+        self.subscription = subscription
         self.kinds = kinds
         self.level = level
         self.last = last
@@ -182,7 +185,7 @@ class Watchers:
             if line is not None:
                 await self._write(responder, line)
             last = old.revision
-        parked = _Parked(responder, call.kinds, call.level, last)
+        parked = _Parked(responder, subscription, call.kinds, call.level, last)
         while True:
             self._parked[id(parked)] = parked
             frame: ChangeFrame | None = None
@@ -227,13 +230,18 @@ class Watchers:
     def deliver(self, frame: ChangeFrame) -> None:
         """Write ``frame`` at once to every watcher parked waiting for it (no task switch).
 
-        Called synchronously when a frame is published. A watcher whose socket takes the
-        whole line is done; the rest of a partial write is left to its task, which also
-        skips frames written here. This keeps fan-out to thousands of watchers to one
-        non-blocking write each.
+        Called synchronously when a frame is published, before subscriptions are offered it.
+        A watcher whose socket takes the whole line (or whose kinds skip the frame) is done:
+        its subscription counts the frame as received, so its task is not even woken. The
+        rest of a partial write, or a failure, is left to the task, which the subscription
+        wakes and which skips frames written here. A watcher with frames still pending in
+        its subscription is left to its task too, so lines stay in order. This keeps fan-out
+        to thousands of watchers to one non-blocking write each.
         """
         for parked in list(self._parked.values()):
             if parked.rest or parked.failure is not None or frame.revision <= parked.last:
+                continue
+            if parked.subscription.pending:
                 continue
             line = self.lines.line(frame, parked.kinds, parked.level)
             if line is not None:
@@ -243,6 +251,8 @@ class Watchers:
                     parked.failure = exc
                     continue
             parked.last = frame.revision
+            if not parked.rest:
+                parked.subscription.advance(frame.revision)
 
     # ------------------------------------------------------------------ /v1/events
 
