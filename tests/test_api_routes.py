@@ -208,6 +208,9 @@ def test_instance_reads_are_found_again_by_raw_target() -> None:
     assert encoded.body == b"Standard_A3"
     assert reply(router, "/metadata/instance/compute/vm%53ize?format=%74ext") is encoded
     assert reply(router, target + "&format=json").status == 400
+    long_target = target + "&pad=" + "x" * 600  # answered, not remembered
+    assert reply(router, long_target).body == first.body
+    assert len(router._by_target) == 2
     # the same target at another access level is answered for that level
     compute = "/metadata/instance/compute"
     assert "userData" in body(reply(router, compute, peer=ROOT))

@@ -47,6 +47,7 @@ JSON_TYPE = b"application/json; charset=utf-8"
 DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
 MAX_CACHED = 1024
+MAX_TARGET_KEPT = 512  # longer targets are answered but not remembered (bounded memory)
 INSTANCE = "/metadata/instance"
 _APPROVE = re.compile(r"^/v1/scheduled-events/([^/]+)/approve/?$")
 _encoder = msgspec.json.Encoder()
@@ -270,9 +271,10 @@ class Router:
             return error(400, str(exc))
         if slot is None:
             return reply
-        if len(self._by_target) >= MAX_CACHED:
-            self._by_target.clear()
-        self._by_target[(target, level)] = (slot, reply)
+        if len(target) <= MAX_TARGET_KEPT:
+            if len(self._by_target) >= MAX_CACHED:
+                self._by_target.clear()
+            self._by_target[(target, level)] = (slot, reply)
         return slot.not_modified if etag_matches(if_none_match, slot.revision) else reply
 
     def route(
