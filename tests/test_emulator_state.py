@@ -96,6 +96,21 @@ def test_patch_instance_must_be_an_object() -> None:
         state.patch_instance([1])
 
 
+def test_patching_one_tag_field_rewrites_the_other() -> None:
+    state = vm()
+    state.patch_instance({"compute": {"tags": "a:1;b:2"}})
+    assert compute(state)["tagsList"] == [{"name": "a", "value": "1"}, {"name": "b", "value": "2"}]
+    state.patch_instance({"compute": {"tagsList": [{"name": "c", "value": "3"}]}})
+    assert compute(state)["tags"] == "c:3"
+    both = {"tags": "x:1", "tagsList": [{"name": "y", "value": "2"}]}
+    state.patch_instance({"compute": both})  # both given: kept as given, for tests
+    assert compute(state)["tags"] == "x:1"
+    assert compute(state)["tagsList"] == [{"name": "y", "value": "2"}]
+    del compute(state)["tagsList"]
+    state.patch_instance({"compute": {"tags": "z:9"}})  # no tagsList (older api-versions)
+    assert "tagsList" not in compute(state)
+
+
 def test_replace_instance_accepts_any_object_only() -> None:
     state = vm()
     state.replace_instance({"compute": {"vmId": 5}})

@@ -8,7 +8,8 @@ Invariants kept by the operations (not by :meth:`VMState.replace_instance`, whic
 JSON object as given so tests can serve invalid documents):
 
 - ``compute.tags`` (``"k1:v1;k2:v2"``) and ``compute.tagsList`` always list the same tags in
-  the same order; ``tagsList`` is added when a tag operation finds only ``tags``.
+  the same order; ``tagsList`` is added when a tag operation finds only ``tags``; a merge patch
+  that sets only one of them has the other rewritten to match (a patch setting both is kept).
 - data disks are unique by ``lun``; NICs are unique by ``macAddress`` (upper-case hex, no
   separators, as IMDS writes it); every primitive written is a string, as in IMDS.
 - ``DocumentIncarnation`` grows by one on every change of the events list.
@@ -118,6 +119,21 @@ class VMState:
         if not isinstance(patch, dict):
             raise StateError(f"a merge patch of the instance must be an object, got {_kind(patch)}")
         self.instance = merge_patch(self.instance, patch)
+        self._sync_tags(patch.get("compute"))
+
+    def _sync_tags(self, compute_patch: Any) -> None:
+        """After a patch set only one of ``tags`` and ``tagsList``, rewrite the other to match."""
+        if not isinstance(compute_patch, dict):
+            return
+        compute = self.instance.get("compute")
+        if not isinstance(compute, dict):
+            return
+        if isinstance(compute_patch.get("tags"), str) and "tagsList" not in compute_patch:
+            if "tagsList" in compute:
+                compute.pop("tagsList")
+                self._write_tags(self.tags())
+        elif isinstance(compute_patch.get("tagsList"), list) and "tags" not in compute_patch:
+            self._write_tags(self.tags())
 
     def set_loadbalancer(self, document: Any) -> None:
         """Replace the load balancer document; None means no Standard LB (404)."""
