@@ -1,9 +1,12 @@
-"""packaging/: the Debian package builds, installs, runs and purges; the RPM spec agrees with it.
+"""packaging/: the Debian package builds, installs, runs and purges; the RPM spec agrees with it
+and builds.
 
 The package test needs the Debian build dependencies (apt-get install --no-install-recommends
 build-essential debhelper dh-virtualenv python3-venv), PyPI, and root for dpkg -i; it is
 skipped, saying which, when one is missing. It installs the package on this machine and purges
-it again, also when something fails.
+it again, also when something fails. The RPM test needs Debian's ``rpm`` (rpmbuild), which has
+no systemd or Python RPM macros: it defines those, the scriptlets' as no-ops, so it checks the
+spec's %prep, %install and %files and the package's contents, not its scriptlets.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tomllib
 from pathlib import Path
 
@@ -157,3 +161,61 @@ def test_deb_builds_installs_runs_and_purges(tmp_path: Path) -> None:
     assert not _installed("imdsd")
     assert not os.path.lexists("/usr/bin/imdsd")
     assert not Path("/opt/venvs/imdsd").exists()
+
+
+RPM_MACROS = {
+    "python3": "/usr/bin/python3",
+    "python3_version": "3.11",
+    "_unitdir": "/usr/lib/systemd/system",
+    "_sysusersdir": "/usr/lib/sysusers.d",
+    "systemd_post()": ":",
+    "systemd_preun()": ":",
+    "systemd_postun_with_restart()": ":",
+    "sysusers_create_compat()": ":",
+}
+
+
+@pytest.mark.slow
+def test_rpm_builds_with_the_debian_layout(tmp_path: Path) -> None:
+    if shutil.which("rpmbuild") is None or shutil.which("rpm2archive") is None:
+        pytest.skip("rpmbuild missing: apt-get install --no-install-recommends rpm")
+    if "python3-venv" in _missing_build_dependencies():
+        pytest.skip(f"/usr/bin/python3 cannot make a virtualenv: {APT_COMMAND}")
+    sources = tmp_path / "SOURCES"
+    sources.mkdir()
+    archive = sources / f"imdsd-{__version__}.tar.gz"
+    done = _run("git", "-C", str(ROOT), "archive", f"--prefix=imdsd-{__version__}/", "-o",
+                str(archive), "HEAD")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shutil.copy(ROOT / "systemd" / "imdsd.sysusers", sources)
+    defines = [arg for name, value in RPM_MACROS.items() for arg in ("--define", f"{name} {value}")]
+    build = _run("rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {tmp_path}", *defines,
+                 str(SPEC), timeout=600)  # fmt: skip
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    [rpm] = (tmp_path / "RPMS").glob(f"*/imdsd-{__version__}-1*.rpm")
+
+    files = set(_run("rpm", "-qlp", str(rpm)).stdout.split())
+    for path in (
+        "/usr/bin/imdsd",
+        "/opt/venvs/imdsd/bin/imdsd",
+        "/usr/lib/systemd/system/imdsd.service",
+        "/usr/lib/systemd/system/imdsd.socket",
+        "/usr/lib/sysusers.d/imdsd.conf",
+        "/usr/share/imdsd/imdsd-hardened.conf",
+        "/etc/imdsd/hooks.d",
+    ):
+        assert path in files, path
+    assert not any(path.startswith("/usr/lib/.build-id") for path in files)
+    assert _run("rpm", "-qp", "--configfiles", str(rpm)).stdout.split() == ["/etc/imdsd/imdsd.toml"]
+
+    assert _run("rpm2archive", str(rpm)).returncode == 0
+    root = tmp_path / "root"
+    with tarfile.open(f"{rpm}.tgz") as tar:
+        tar.extractall(root, filter="tar")
+    venv = root / "opt" / "venvs" / "imdsd"
+    for text in ((venv / "pyvenv.cfg").read_text(), (venv / "bin" / "imdsd").read_text()):
+        assert str(tmp_path) not in text  # no build root left in the virtualenv
+    assert (venv / "bin" / "imdsd").read_text().startswith("#!/opt/venvs/imdsd/bin/python")
+    assert os.readlink(root / "usr" / "bin" / "imdsd") == "/opt/venvs/imdsd/bin/imdsd"
+    version = _run(str(venv / "bin" / "python"), "-m", "imdsd", "--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"imdsd {__version__}")
