@@ -425,8 +425,9 @@ class IdleConnections:
     A deadline scope per request would cost trio a deadline registered and removed each time
     (about a sixth of a cached read); instead a connection notes when it starts waiting and
     :meth:`run` sweeps every ``timeout / 4`` (at most 5 s), so an idle connection is closed
-    between ``timeout`` and ``1.25 * timeout``. A request crossing the close is lost as with
-    any server's idle close (clients retry such requests on a fresh connection).
+    between ``timeout`` and ``1.25 * timeout``. A request that arrives as its connection is
+    swept is not run: the connection closes without an answer, as with any server's idle
+    close (clients retry such requests on a fresh connection).
     """
 
     def __init__(self, timeout: float) -> None:
@@ -469,6 +470,8 @@ async def _read_request(
         waiting.since = trio.current_time()
         await wire.receive_into_h11()
         waiting.since = None
+        if waiting.scope.cancel_called:  # swept after the bytes came, before this task ran
+            return None
     deadline = trio.current_time() + limits.request_timeout
     try:
         event = await wire.next_event(deadline)

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 import trio.lowlevel
@@ -23,7 +23,8 @@ from test_api_support import (
 
 from imdsd.api.access import REDACTED
 from imdsd.api.server import ApiServer
-from imdsd.httpio import ClientConnection, Response, open_unix
+from imdsd.api.watch import _Parked
+from imdsd.httpio import ClientConnection, Responder, Response, open_unix
 
 NextFrame = Callable[[], Awaitable[dict[str, Any] | None]]
 
@@ -409,6 +410,31 @@ async def test_direct_fan_out_delivers_each_revision_once_in_order(tmp_path: Pat
             if i % 3 == 0:
                 await trio.lowlevel.checkpoint()  # some frames find tasks parked, some not
     assert all(seen == published for seen in received)
+
+
+async def test_deliver_leaves_a_frame_taken_but_not_yet_written_to_the_task(
+    tmp_path: Path,
+) -> None:
+    """A watcher that took frame N from its queue (not yet written) must not get N+1 first."""
+    ctx = started_context()
+    api = ApiServer(ctx, server_config(tmp_path / "w.sock"))
+    written: list[bytes] = []
+
+    class Recorder:
+        def write_nowait(self, data: bytes) -> bytes:
+            written.append(data)
+            return b""
+
+    subscription = ctx.subscribe(16, ctx.revision)
+    parked = _Parked(cast(Responder, Recorder()), subscription, None, "full", ctx.revision)
+    taken = ctx.tag("a", "1")  # queued while the watcher was not parked
+    assert subscription.receive_nowait() is taken  # the task took it; its write is to come
+    api.watchers._parked[id(parked)] = parked
+    ctx.listeners.append(api.deliver)
+    ctx.tag("b", "2")
+    assert written == []
+    assert parked.last == taken.revision - 1
+    assert subscription.pending == 1  # the newer frame waits for the task, in order
 
 
 async def test_parked_watchers_written_directly_are_not_woken(tmp_path: Path) -> None:

@@ -106,9 +106,15 @@ def test_patching_one_tag_field_rewrites_the_other() -> None:
     state.patch_instance({"compute": both})  # both given: kept as given, for tests
     assert compute(state)["tags"] == "x:1"
     assert compute(state)["tagsList"] == [{"name": "y", "value": "2"}]
-    del compute(state)["tagsList"]
+    state.patch_instance({"compute": {"tags": None}})
+    assert "tags" not in compute(state)
+    assert "tagsList" not in compute(state)
     state.patch_instance({"compute": {"tags": "z:9"}})  # no tagsList (older api-versions)
     assert "tagsList" not in compute(state)
+    state.patch_instance({"compute": {"tagsList": [{"name": "q", "value": "1"}]}})
+    assert compute(state)["tags"] == "q:1"
+    state.patch_instance({"compute": {"tagsList": None}})
+    assert "tags" not in compute(state)
 
 
 def test_replace_instance_accepts_any_object_only() -> None:

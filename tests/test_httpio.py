@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from imdsd.httpio import (
     BodyTooLarge,
@@ -25,6 +26,7 @@ from imdsd.httpio import (
     ServerLimits,
     open_tcp,
     open_unix,
+    serve_connection,
     unix_listener,
 )
 
@@ -168,6 +170,47 @@ async def test_idle_timeout_spares_a_request_being_answered(tmp_path: Path) -> N
             await trio.sleep(0.01)
         assert not client.reusable
         assert 0.1 <= trio.current_time() - start < 0.5
+
+
+class _SweptOnArrival(trio.abc.Stream):
+    """A stream whose request arrives just as the idle sweeper closes its connection."""
+
+    def __init__(self, idle: IdleConnections) -> None:
+        self.idle = idle
+        self.arrived = False
+        self.sent = b""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.arrived:
+            return b""
+        self.arrived = True
+        self.idle.sweep(trio.current_time() + 3600)  # after the bytes, before the task runs
+        return b"POST /approve HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n"
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        self.sent += bytes(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_request_arriving_as_its_connection_is_swept_is_not_run() -> None:
+    idle = IdleConnections(60.0)
+    stream = _SweptOnArrival(idle)
+    ran: list[str] = []
+
+    async def handler(request: Request, responder: Responder) -> None:
+        ran.append(request.target)
+        await responder.send(200, [], b"done")
+
+    with trio.fail_after(5):
+        await serve_connection(stream, handler, ServerLimits(), idle)
+    assert ran == []
+    assert stream.sent == b""
 
 
 async def test_handler_error_is_500(tmp_path: Path) -> None:

@@ -235,14 +235,15 @@ class Watchers:
         its subscription counts the frame as received, so its task is not even woken. The
         rest of a partial write, or a failure, is left to the task, which the subscription
         wakes and which skips frames written here. A watcher with frames still pending in
-        its subscription is left to its task too, so lines stay in order. This keeps fan-out
+        its subscription, or one taken from it and not yet written, is left to its task too,
+        so lines stay in order and none is skipped. This keeps fan-out
         to thousands of watchers to one non-blocking write each.
         """
         for parked in list(self._parked.values()):
             if parked.rest or parked.failure is not None or frame.revision <= parked.last:
                 continue
-            if parked.subscription.pending:
-                continue
+            if parked.subscription.pending or parked.subscription.revision > parked.last:
+                continue  # frames queued, or taken and not yet written: the task goes first
             line = self.lines.line(frame, parked.kinds, parked.level)
             if line is not None:
                 try:

@@ -107,7 +107,11 @@ class Emulator:
         sockname = listeners[0].socket.getsockname()
         self._t0 = trio.current_time()
         http = HttpServer(
-            self._handle, LIMITS, server_header=SERVER_HEADER, peer_info=lambda stream: stream
+            self._handle,
+            LIMITS,
+            max_connections=1 << 20,  # IMDS caps requests per second, not connections
+            server_header=SERVER_HEADER,
+            peer_info=lambda stream: stream,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(http.serve, listeners)

@@ -9,7 +9,7 @@ JSON object as given so tests can serve invalid documents):
 
 - ``compute.tags`` (``"k1:v1;k2:v2"``) and ``compute.tagsList`` always list the same tags in
   the same order; ``tagsList`` is added when a tag operation finds only ``tags``; a merge patch
-  that sets only one of them has the other rewritten to match (a patch setting both is kept).
+  that sets or removes only one of them has the other follow (a patch giving both is kept).
 - data disks are unique by ``lun``; NICs are unique by ``macAddress`` (upper-case hex, no
   separators, as IMDS writes it); every primitive written is a string, as in IMDS.
 - ``DocumentIncarnation`` grows by one on every change of the events list.
@@ -122,18 +122,22 @@ class VMState:
         self._sync_tags(patch.get("compute"))
 
     def _sync_tags(self, compute_patch: Any) -> None:
-        """After a patch set only one of ``tags`` and ``tagsList``, rewrite the other to match."""
+        """After a patch set or removed only one of ``tags`` and ``tagsList``, do the same to the
+        other."""
         if not isinstance(compute_patch, dict):
             return
         compute = self.instance.get("compute")
         if not isinstance(compute, dict):
             return
-        if isinstance(compute_patch.get("tags"), str) and "tagsList" not in compute_patch:
-            if "tagsList" in compute:
-                compute.pop("tagsList")
+        if "tags" in compute_patch and "tagsList" not in compute_patch and "tagsList" in compute:
+            compute.pop("tagsList")
+            if isinstance(compute.get("tags"), str):
                 self._write_tags(self.tags())
-        elif isinstance(compute_patch.get("tagsList"), list) and "tags" not in compute_patch:
-            self._write_tags(self.tags())
+        elif "tagsList" in compute_patch and "tags" not in compute_patch:
+            if isinstance(compute.get("tagsList"), list):
+                self._write_tags(self.tags())
+            else:
+                compute.pop("tags", None)
 
     def set_loadbalancer(self, document: Any) -> None:
         """Replace the load balancer document; None means no Standard LB (404)."""
