@@ -25,7 +25,13 @@ import threading
 import time
 from collections import Counter
 
-from benchkit import UnixHTTPConnection, parse_rfc3339, summarize
+from benchkit import (
+    UnixHTTPConnection,
+    add_address_arguments,
+    parse_rfc3339,
+    parsed_address,
+    summarize,
+)
 
 TARGET = "/metadata/instance?api-version=2021-02-01"
 RETRIES = 3
@@ -111,20 +117,13 @@ def agent(
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    where_group = parser.add_mutually_exclusive_group(required=True)
-    where_group.add_argument("--unix")
-    where_group.add_argument("--tcp", help="HOST:PORT")
+    add_address_arguments(parser)
     parser.add_argument("--agents", type=int, default=50)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--period", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    where: str | tuple[str, int]
-    if args.unix:
-        where = args.unix
-    else:
-        host, _, port = args.tcp.rpartition(":")
-        where = (host, int(port))
+    where = parsed_address(args)
     fleet = Fleet()
     start = time.monotonic()
     end = start + args.duration

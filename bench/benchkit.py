@@ -5,6 +5,7 @@ Only the standard library: the helpers run in the orchestrator and in the load p
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import json
@@ -337,3 +338,18 @@ def raised_nofile() -> Iterator[None]:
 def python() -> str:
     """The interpreter running the benchmark (the project's venv)."""
     return sys.executable
+
+
+def add_address_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--unix PATH`` or ``--tcp HOST:PORT``, exactly one of them."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--unix", help="unix socket path")
+    where.add_argument("--tcp", help="HOST:PORT")
+
+
+def parsed_address(args: argparse.Namespace) -> str | tuple[str, int]:
+    """The address :func:`add_address_arguments` parsed: a socket path or (host, port)."""
+    if args.unix:
+        return str(args.unix)
+    host, _, port = args.tcp.rpartition(":")
+    return host, int(port)

@@ -4,7 +4,7 @@ Each connection sends one request, reads the whole response (Content-Length fram
 its latency and sends the next (closed loop, no pipelining). Measures for ``--duration``
 seconds after ``--warmup``, then prints one JSON object: requests, errors, requests/s, latency
 percentiles, the load generator's own CPU use and its ceiling (requests per CPU second, i.e.
-what it could drive with a whole core to itself). Standard library only.
+what it could drive with a whole core to itself). Standard library only (and benchkit).
 
     python bench/loadgen.py --unix /tmp/x.sock --target '/metadata/instance?format=json' \
         --connections 16 --duration 5
@@ -21,6 +21,8 @@ import socket
 import sys
 import time
 from array import array
+
+from benchkit import add_address_arguments, parsed_address
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _HEAD_END = b"\r\n\r\n"
@@ -158,25 +160,21 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; prints the JSON result on stdout."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--unix", help="unix socket path")
-    where.add_argument("--tcp", help="HOST:PORT")
+    add_address_arguments(parser)
     parser.add_argument("--target", required=True, help="request target, e.g. /path?q=1")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--header", action="append", default=[], help="extra 'Name: value'")
     args = parser.parse_args(argv)
-    address: str | tuple[str, int]
-    if args.unix:
-        address = args.unix
-    else:
-        host, _, port = args.tcp.rpartition(":")
-        address = (host, int(port))
     head = f"GET {args.target} HTTP/1.1\r\nHost: imdsd\r\n"
     head += "".join(f"{h}\r\n" for h in args.header)
     result = run(
-        address, (head + "\r\n").encode("latin-1"), args.connections, args.duration, args.warmup
+        parsed_address(args),
+        (head + "\r\n").encode("latin-1"),
+        args.connections,
+        args.duration,
+        args.warmup,
     )
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

@@ -167,6 +167,10 @@ def _single(query: Sequence[tuple[str, str]], names: Sequence[str]) -> dict[str,
     return found
 
 
+def _is_instance(path: str) -> bool:
+    return path == INSTANCE or path.startswith(INSTANCE + "/")
+
+
 def _meta(revision: int, fresh: Freshness) -> Headers:
     headers = [(b"etag", b'"%d"' % revision), (b"x-imdsd-revision", b"%d" % revision)]
     if fresh.fetched_at is not None:
@@ -191,6 +195,10 @@ class _Slot:
 
     def matches(self, doc: object, revision: int, fresh: Freshness) -> bool:
         return self.doc is doc and self.revision == revision and self.fresh == fresh
+
+    def answer(self, reply: Reply, inm: str | None) -> Reply:
+        """``reply``, or 304 when ``If-None-Match`` names this slot's revision."""
+        return self.not_modified if etag_matches(inm, self.revision) else reply
 
     def keep(self, key: Any, reply: Reply) -> Reply:
         if len(self.entries) < MAX_CACHED:
@@ -259,11 +267,11 @@ class Router:
         known = self._by_target.get((target, level))
         if known is not None and method == "GET" and self._instance_slot_current(known[0]):
             hit, reply = known
-            return hit.not_modified if etag_matches(if_none_match, hit.revision) else reply
+            return hit.answer(reply, if_none_match)
         raw_path, _, raw_query = target.partition("?")
         path = unquote(raw_path)
         query = parse_qsl(raw_query, keep_blank_values=True)
-        if method != "GET" or not (path == INSTANCE or path.startswith(INSTANCE + "/")):
+        if method != "GET" or not _is_instance(path):
             return self.route(method, path, query, if_none_match, peer)
         try:
             slot, reply = self._instance_read(path[len(INSTANCE) :], query, peer)
@@ -275,7 +283,7 @@ class Router:
             if len(self._by_target) >= MAX_CACHED:
                 self._by_target.clear()
             self._by_target[(target, level)] = (slot, reply)
-        return slot.not_modified if etag_matches(if_none_match, slot.revision) else reply
+        return slot.answer(reply, if_none_match)
 
     def route(
         self,
@@ -299,7 +307,7 @@ class Router:
         inm: str | None,
         peer: Peer | None,
     ) -> Outcome:
-        if path == INSTANCE or path.startswith(INSTANCE + "/"):
+        if _is_instance(path):
             if method != "GET":
                 return error(405, f"{method} is not allowed on {INSTANCE}", _ALLOW_GET)
             return self.instance(path[len(INSTANCE) :], query, inm, peer)
@@ -355,7 +363,7 @@ class Router:
     ) -> Reply:
         """``GET /metadata/instance[/<key-or-index>...][?format=json|text]``."""
         slot, reply = self._instance_read(rest, query, peer)
-        return slot.not_modified if slot and etag_matches(inm, slot.revision) else reply
+        return slot.answer(reply, inm) if slot else reply
 
     def _instance_read(
         self, rest: str, query: Sequence[tuple[str, str]], peer: Peer | None
@@ -421,7 +429,7 @@ class Router:
         reply = slot.entries.get(None)
         if reply is None:
             reply = slot.keep(None, json_reply(200, raw, slot.meta))
-        return slot.not_modified if etag_matches(inm, slot.revision) else reply
+        return slot.answer(reply, inm)
 
     def scheduled_events(
         self, query: Sequence[tuple[str, str]], inm: str | None, peer: Peer | None
@@ -456,7 +464,7 @@ class Router:
         reply = slot.entries.get(None)
         if reply is None:
             reply = slot.keep(None, json_reply(200, {"apiVersions": list(versions)}, slot.meta))
-        return slot.not_modified if etag_matches(inm, slot.revision) else reply
+        return slot.answer(reply, inm)
 
     # ------------------------------------------------------------------ imdsd's own API
 
@@ -515,7 +523,7 @@ class Router:
         if slot is None:
             return error(503, "no instance document yet: imdsd is starting")
         reply = self._state_reply(slot, self.policy.level(peer))
-        return slot.not_modified if etag_matches(inm, slot.revision) else reply
+        return slot.answer(reply, inm)
 
     def health(self, query: Sequence[tuple[str, str]], inm: str | None, peer: Peer | None) -> Reply:
         """``GET /v1/health``: 200 ok/degraded, 503 starting."""
