@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import difflib
+import ipaddress
 import math
 import re
 import sys
@@ -245,9 +246,12 @@ class _Int(_Rule):
 class _Duration(_Rule):
     """A duration string; ``positive`` requires > 0 (else 0 is allowed), ``floor`` a minimum."""
 
-    def __init__(self, positive: bool = True, floor: float = 0.0) -> None:
+    def __init__(
+        self, positive: bool = True, floor: float = 0.0, ceiling: float | None = None
+    ) -> None:
         self.positive = positive
         self.floor = floor
+        self.ceiling = ceiling
 
     def parse(self, value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, str):
@@ -261,10 +265,24 @@ class _Duration(_Rule):
             raise _Invalid("must be greater than 0s")
         if seconds < self.floor:
             raise _Invalid(f"must be at least {format_duration(self.floor)}")
+        if self.ceiling is not None and seconds > self.ceiling:
+            raise _Invalid(f"must be at most {format_duration(self.ceiling)}")
         return seconds
 
     def render(self, value: Any) -> str:
         return _toml_str(format_duration(value))
+
+
+class _Bool(_Rule):
+    """A TOML boolean."""
+
+    def parse(self, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise _Invalid("expected true or false")
+        return value
+
+    def render(self, value: Any) -> str:
+        return "true" if value else "false"
 
 
 class _Mode(_Rule):
@@ -342,6 +360,28 @@ def _api_version(value: str) -> str:
     if not valid:
         raise _Invalid('expected "auto" or a version date like "2021-02-01"')
     return value
+
+
+def _listen(value: str) -> str:
+    """``""`` (off) or a TCP address ``HOST:PORT``; an IPv6 host is written ``[::1]:PORT``."""
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _Invalid('expected "" (off) or "HOST:PORT" like "127.0.0.1:9469"')
+    if host.startswith("["):
+        if not host.endswith("]") or not _is_ip(host[1:-1], version=6):
+            raise _Invalid('expected "[IPv6]:PORT" like "[::1]:9469"')
+    elif ":" in host or not (_is_ip(host, version=4) or re.fullmatch(r"[A-Za-z0-9.-]+", host)):
+        raise _Invalid('expected "HOST:PORT" (IPv6 hosts in brackets, like "[::1]:9469")')
+    return value
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
 
 
 def _abs_path(value: str) -> str:
@@ -437,7 +477,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     socket_mode: Annotated[int, _Mode()] = 0o660
     socket_group: Annotated[str, _Str(check=_no_nul)] = "imdsd"
     max_connections: Annotated[int, _Int(ge=1)] = 2048
-    heartbeat: Annotated[float, _POSITIVE] = 15.0
+    heartbeat: Annotated[float, _Duration(ceiling=30.0)] = 15.0
     restricted_paths: Annotated[list[str], _List(_Str(check=_restricted_path), unique=True)] = (
         msgspec.field(default_factory=_default_restricted)
     )
@@ -454,6 +494,22 @@ class StateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     directory: Annotated[str, _Str(check=_abs_path)] = "/var/lib/imdsd"
     history: Annotated[int, _Int(ge=1)] = 4096
+    history_bytes: Annotated[int, _Int(ge=65536)] = 16 * 1024 * 1024
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[metrics]``: an optional TCP listener serving ``GET /metrics`` only."""
+
+    listen: Annotated[str, _Str(check=_listen)] = ""
+
+
+class FrontConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[front]``: the optional IMDS-compatible TCP front for unmodified agents."""
+
+    listen: Annotated[str, _Str(check=_listen)] = ""
+    redirect: Annotated[bool, _Bool()] = False
+    queue_timeout: Annotated[float, _Duration(ceiling=60.0)] = 5.0
+    token_cache: Annotated[bool, _Bool()] = True
 
 
 class HooksConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -492,6 +548,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
     hook: list[HookConfig] = msgspec.field(default_factory=list)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    front: FrontConfig = msgspec.field(default_factory=FrontConfig)
 
 
 # ---------------------------------------------------------------------------------------------

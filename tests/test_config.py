@@ -17,10 +17,12 @@ from imdsd import config as config_module
 from imdsd.config import (
     Config,
     ConfigError,
+    FrontConfig,
     HookConfig,
     HooksConfig,
     ImdsConfig,
     LogConfig,
+    MetricsConfig,
     PollConfig,
     ServerConfig,
     StateConfig,
@@ -135,7 +137,7 @@ def test_config_is_frozen() -> None:
         # unknown keys, at every level
         ("colour = 1", "colour = 1: unknown key"),
         ("[imds]\nendpont = 'http://x'", 'imds.endpont = "http://x": unknown key (did you mean'),
-        ("[metrics]\nport = 1", "metrics = {port = 1}: unknown key"),
+        ("[telemetry]\nport = 1", "telemetry = {port = 1}: unknown key"),
         (HOOK + "timeot = '2s'", 'hook[0].timeot = "2s": unknown key (did you mean "timeout"?)'),
         (HOOK + HOOK.replace('"h"', '"g"') + "x = 1", "hook[1].x = 1: unknown key"),
         # wrong types
@@ -184,6 +186,14 @@ def test_config_is_frozen() -> None:
         ("[poll]\ninstance = '500ms'", 'poll.instance = "500ms": must be at least 1s'),
         ("[server]\nmax_connections = 0", "server.max_connections = 0: must be >= 1"),
         ("[server]\nheartbeat = '0ms'", 'server.heartbeat = "0ms": must be greater than 0s'),
+        ("[server]\nheartbeat = '31s'", 'server.heartbeat = "31s": must be at most 30s'),
+        ("[state]\nhistory_bytes = 1024", "state.history_bytes = 1024: must be >= 65536"),
+        ("[metrics]\nlisten = '9469'", 'metrics.listen = "9469": expected "" (off) or'),
+        ("[metrics]\nlisten = '127.0.0.1:0'", 'metrics.listen = "127.0.0.1:0": expected'),
+        ("[metrics]\nlisten = '::1:80'", 'metrics.listen = "::1:80": expected "HOST:PORT"'),
+        ("[front]\nlisten = '[::1:80'", 'front.listen = "[::1:80": expected "[IPv6]:PORT"'),
+        ("[front]\nredirect = 'yes'", 'front.redirect = "yes": expected true or false'),
+        ("[front]\nqueue_timeout = '2m'", 'front.queue_timeout = "2m": must be at most 1m'),
         ("[server]\nrestricted_allow_uids = [-1]", "restricted_allow_uids[0] = -1: must be >= 0"),
         ("[state]\nhistory = 0", "state.history = 0: must be >= 1"),
         ("[hooks]\nmax_parallel = 0", "hooks.max_parallel = 0: must be >= 1"),
@@ -369,7 +379,7 @@ def test_render_defaults_has_every_key_and_round_trips() -> None:
     assert data["server"]["socket_mode"] == "0660"
     assert data["imds"]["connect_timeout"] == "2s"
     assert "hook" not in data
-    assert set(data) == {"imds", "poll", "server", "state", "hooks", "log"}
+    assert set(data) == {"imds", "poll", "server", "state", "hooks", "log", "metrics", "front"}
     for section, table in data.items():
         expected = msgspec.structs.fields(getattr(Config(), section))
         assert set(table) == {f.name for f in expected}
@@ -399,6 +409,8 @@ _ids = st.lists(st.integers(0, 2**32 - 2), max_size=3)
 _segment = st.from_regex(r"[A-Za-z0-9]{1,8}", fullmatch=True)
 _restricted = st.lists(_segment, min_size=1, max_size=3).map("/".join)
 
+_listens = st.sampled_from(["", "127.0.0.1:9469", "[::1]:8169", "localhost:1", "0.0.0.0:65535"])
+
 _configs = st.builds(
     Config,
     imds=st.builds(
@@ -423,12 +435,17 @@ _configs = st.builds(
         socket_mode=st.integers(0, 0o7777),
         socket_group=_text,
         max_connections=st.integers(1, 2**40),
-        heartbeat=_positive,
+        heartbeat=st.floats(min_value=0.001, max_value=30),
         restricted_paths=st.lists(_restricted.filter(lambda p: p != "metadata"), unique=True),
         restricted_allow_uids=_ids,
         restricted_allow_gids=_ids,
     ),
-    state=st.builds(StateConfig, directory=_path, history=st.integers(1, 10**6)),
+    state=st.builds(
+        StateConfig,
+        directory=_path,
+        history=st.integers(1, 10**6),
+        history_bytes=st.integers(65536, 2**40),
+    ),
     hooks=st.builds(HooksConfig, directory=_path, max_parallel=st.integers(1, 64)),
     hook=st.lists(
         st.builds(
@@ -450,6 +467,14 @@ _configs = st.builds(
         LogConfig,
         level=st.sampled_from(["debug", "info", "warning", "error"]),
         format=st.sampled_from(["auto", "console", "json"]),
+    ),
+    metrics=st.builds(MetricsConfig, listen=_listens),
+    front=st.builds(
+        FrontConfig,
+        listen=_listens,
+        redirect=st.booleans(),
+        queue_timeout=st.floats(min_value=0.001, max_value=60),
+        token_cache=st.booleans(),
     ),
 )
 
