@@ -48,7 +48,7 @@ def run(outcome: Outcome, attempt: int = 1, elapsed: float = 0.0, seed: int = 1)
         (Outcome("instance", status=401), GiveUp),
         (Outcome("instance", status=403), GiveUp),
         (Outcome("instance", status=405), GiveUp),
-        (Outcome("instance", status=302), GiveUp),
+        (Outcome("instance", status=302), Retry),
         (Outcome("instance", error="connect"), Retry),
         (Outcome("instance", error="timeout"), Retry),
         (Outcome("instance", error="reset"), Retry),
@@ -119,6 +119,27 @@ def test_deadline_gives_up_retryable_failures() -> None:
         assert isinstance(before, Retry)
         assert isinstance(after, GiveUp)
         assert "still failing after 30s" in after.reason
+
+
+REDIRECTS = [300, 301, 302, 303, 304, 305, 307, 308, 399]
+
+
+@pytest.mark.parametrize("endpoint", ["instance", "scheduled_events", "loadbalancer", "approve"])
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_every_3xx_is_a_service_error_with_the_usual_backoff(endpoint: str, status: int) -> None:
+    """Never followed, never a long pause: retried like a 500, with its backoff and cap."""
+    outcome = Outcome(endpoint, status=status)
+    assert classify(outcome) == "service"
+    for attempt in (1, 2, 5, 40):
+        decision = run(outcome, attempt=attempt, elapsed=3600.0, seed=attempt)
+        like_500 = run(Outcome(endpoint, status=500), attempt=attempt, elapsed=3600.0, seed=attempt)
+        assert isinstance(decision, Retry)
+        assert isinstance(like_500, Retry)
+        assert decision.delay == like_500.delay
+        assert "not followed" in decision.reason
+    policy = RetryPolicy(deadline=30.0)
+    assert isinstance(decide(outcome, 3, 0.0, 29.0, random.Random(1), policy=policy), Retry)
+    assert isinstance(decide(outcome, 3, 0.0, 30.0, random.Random(1), policy=policy), GiveUp)
 
 
 @pytest.mark.parametrize(

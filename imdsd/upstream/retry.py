@@ -7,9 +7,11 @@
 - 400 whose body names ``newest-versions``: switch api-version (the caller negotiates).
 - 410, and 404 on ``/metadata/instance`` (the VM is still being provisioned): jittered backoff
   capped at ``gone_cap`` for ``gone_window`` (70 s), then one retry per poll interval.
-- 429: jittered backoff from ``throttle_base``; 500, 502, 503, 504: jittered backoff from
-  ``base``. A ``Retry-After`` (capped at ``retry_after_max``) is a floor: the delay is the
-  larger of it and the backoff, so a ``Retry-After: 0`` storm still backs off (the IMDS limit
+- 429: jittered backoff from ``throttle_base``; 500, 502, 503, 504 and every 3xx: jittered
+  backoff from ``base`` (a redirect is never followed: IMDS does not send one, so it is a
+  fault of whatever answers in its place, and is retried like a server error). A
+  ``Retry-After`` (capped at ``retry_after_max``) is a floor: the delay is the larger of it
+  and the backoff, so a ``Retry-After: 0`` storm still backs off (the IMDS limit
   is shared by every process on the VM).
 - connection refused or failed, timeouts, resets, protocol errors and oversized answers:
   jittered exponential backoff from ``base``.
@@ -30,6 +32,11 @@ from typing import Literal, Protocol
 
 ErrorKind = Literal["connect", "timeout", "reset", "protocol", "too_large"]
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+
+
+def is_redirect(status: int | None) -> bool:
+    """True for a 3xx answer (never followed; retried like a server error)."""
+    return status is not None and 300 <= status < 400
 
 
 class Random(Protocol):
@@ -156,6 +163,8 @@ def decide(
         if elapsed < policy.gone_window:
             return Retry(exponential(policy.base, policy.gone_cap), what)
         return Retry(max(policy.interval, policy.gone_cap), what)
+    if is_redirect(status):
+        return Retry(exponential(policy.base, policy.cap), f"{what} (redirects are not followed)")
     if status == 429 or status in RETRYABLE_STATUS:
         base = policy.throttle_base if status == 429 else policy.base
         delay = exponential(base, policy.cap)
@@ -175,6 +184,7 @@ def _retryable(outcome: Outcome) -> bool:
     return (
         status in (410, 429)
         or status in RETRYABLE_STATUS
+        or is_redirect(status)
         or (status == 404 and outcome.endpoint == "instance")
     )
 
@@ -226,14 +236,19 @@ def _http_date(text: str) -> float | None:
 def classify(outcome: Outcome) -> Literal["throttled", "service", "unreachable", "rejected"]:
     """The health class of a failed outcome, as WALinuxAgent separates them.
 
-    ``throttled``: 429. ``service``: 410, 5xx, provisioning 404, broken HTTP and oversized
-    answers. ``unreachable``: connect errors, timeouts, resets. ``rejected``: other 4xx.
+    ``throttled``: 429. ``service``: 410, 5xx, 3xx, provisioning 404, broken HTTP and
+    oversized answers. ``unreachable``: connect errors, timeouts, resets. ``rejected``: other 4xx.
     """
     status = outcome.status
     if status is None:
         return "service" if outcome.error in ("protocol", "too_large") else "unreachable"
     if status == 429:
         return "throttled"
-    if status == 410 or status >= 500 or (status == 404 and outcome.endpoint == "instance"):
+    if (
+        status == 410
+        or status >= 500
+        or is_redirect(status)
+        or (status == 404 and outcome.endpoint == "instance")
+    ):
         return "service"
     return "rejected"
