@@ -13,7 +13,8 @@ States, judged at a time ``now`` with ``stale_after = 3 * interval``:
 While the load balancer is absent (404), its interval is the hourly re-probe interval.
 Failures are counted by class as WALinuxAgent does: ``throttled`` (429) apart from
 ``service`` (410, 5xx, broken answers) and ``unreachable`` (connect errors, timeouts,
-resets); ``rejected`` (other 4xx) and ``invalid`` (a document that does not validate) too.
+resets); ``rejected`` (other 4xx) and ``invalid`` (a document that does not validate) too,
+and ``internal``: a good document imdsd failed to apply (a bug or a local fault, never ok).
 Recording returns a :class:`Transition` only when the state changed, so the shell logs one
 line per change, not one per failed retry.
 """
@@ -25,13 +26,14 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 State = Literal["starting", "ok", "degraded", "stale"]
-FailureClass = Literal["throttled", "service", "unreachable", "rejected", "invalid"]
+FailureClass = Literal["throttled", "service", "unreachable", "rejected", "invalid", "internal"]
 FAILURE_CLASSES: tuple[FailureClass, ...] = (
     "throttled",
     "service",
     "unreachable",
     "rejected",
     "invalid",
+    "internal",
 )
 STALE_INTERVALS = 3
 

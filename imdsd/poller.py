@@ -7,6 +7,9 @@
 - A document that does not validate (not JSON, wrong shape, truncated, too big) is a fetch
   error, never a new snapshot: the sink keeps the last good one.
 - Scheduled events are handed over whole; filtering on ``Resources`` is the diff's job.
+- A document the sink fails to take (the keeper raised) is a failed poll of class
+  ``internal``: health is never ``ok`` over it, and it is fetched and offered again next
+  round. Its error is logged with a traceback once per distinct error, not once per poll.
 - Every failed attempt and every success feeds :mod:`imdsd.health`; state changes are
   logged once each. Nothing upstream does can end a poller.
 """
@@ -161,15 +164,15 @@ def _deliverer(endpoint: Endpoint, sink: SnapshotSink) -> Deliver:
 
     async def instance(body: bytes) -> None:
         doc, raw = parse_instance(body)
-        await _to_sink(endpoint, sink.instance(doc, raw))
+        await _to_sink(sink.instance(doc, raw))
 
     async def scheduled_events(body: bytes) -> None:
         doc, raw = parse_scheduled_events(body)
-        await _to_sink(endpoint, sink.scheduled_events(doc, raw))
+        await _to_sink(sink.scheduled_events(doc, raw))
 
     async def loadbalancer(body: bytes) -> None:
         doc, raw = parse_loadbalancer(body)
-        await _to_sink(endpoint, sink.loadbalancer(doc, raw))
+        await _to_sink(sink.loadbalancer(doc, raw))
 
     table: dict[Endpoint, Deliver] = {
         "instance": instance,
@@ -179,11 +182,18 @@ def _deliverer(endpoint: Endpoint, sink: SnapshotSink) -> Deliver:
     return table[endpoint]
 
 
-async def _to_sink(endpoint: str, call: Awaitable[None]) -> None:
+class ApplyFailed(Exception):
+    """The sink raised while taking a good document; ``__cause__`` is its exception."""
+
+
+async def _to_sink(call: Awaitable[None]) -> None:
+    """Await a sink call; a :class:`DocumentError` passes, anything else is ApplyFailed."""
     try:
         await call
-    except Exception:
-        log.exception("snapshot consumer failed", endpoint=endpoint)
+    except DocumentError:
+        raise
+    except Exception as exc:
+        raise ApplyFailed(f"{type(exc).__name__}: {exc}"[:300]) from exc
 
 
 class Poller:
@@ -200,6 +210,19 @@ class Poller:
         self.policy = RetryPolicy(interval=spec.interval, cap=min(RetryPolicy().cap, spec.interval))
         self.succeeded = False
         self._deliver = _deliverer(spec.endpoint, sink)
+        self._apply_error: str | None = None
+
+    def _apply_failed(self, now: float, exc: ApplyFailed) -> None:
+        error = f"apply failed: {exc}"
+        if error != self._apply_error:
+            self._apply_error = error
+            log.error("snapshot consumer failed", endpoint=self.spec.endpoint, exc_info=exc)
+        _note(self.health.record_failure(now, "internal", error))
+
+    def _succeeded(self, now: float, *, absent: bool = False) -> None:
+        self.succeeded = True
+        self._apply_error = None
+        _note(self.health.record_success(now, absent=absent))
 
     def _observe(self, outcome: Outcome, decision: Decision) -> None:
         del decision
@@ -224,9 +247,12 @@ class Poller:
         except GaveUp as exc:
             now = trio.current_time()
             if spec.endpoint == "loadbalancer" and exc.status == 404:
-                await _to_sink(spec.endpoint, self.sink.loadbalancer_absent())
-                self.succeeded = True
-                _note(self.health.record_success(now, absent=True))
+                try:
+                    await _to_sink(self.sink.loadbalancer_absent())
+                except ApplyFailed as failure:
+                    self._apply_failed(now, failure)
+                    return spec.interval
+                self._succeeded(now, absent=True)
                 return ABSENT_REPROBE
             log.debug("poll gave up", endpoint=spec.endpoint, reason=exc.reason)
             if classify(exc.outcome) == "rejected":
@@ -238,8 +264,10 @@ class Poller:
         except DocumentError as exc:
             _note(self.health.record_failure(now, "invalid", str(exc)))
             return spec.interval
-        self.succeeded = True
-        _note(self.health.record_success(now))
+        except ApplyFailed as exc:
+            self._apply_failed(now, exc)
+            return spec.interval
+        self._succeeded(now)
         return max(0.0, started + spec.interval - now)
 
     async def run(self) -> None:
@@ -250,7 +278,7 @@ class Poller:
             except Exception as exc:
                 log.exception("poller failed; retrying", endpoint=self.spec.endpoint)
                 _note(
-                    self.health.record_failure(trio.current_time(), "service", f"internal: {exc}")
+                    self.health.record_failure(trio.current_time(), "internal", f"internal: {exc}")
                 )
                 wait = self.spec.interval
             await trio.sleep(wait)

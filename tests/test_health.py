@@ -68,15 +68,17 @@ def test_failures_are_counted_by_class() -> None:
     health.record_failure(103.0, "service", "HTTP 410")
     health.record_failure(104.0, "unreachable", "timeout")
     health.record_failure(105.0, "invalid", "invalid instance document")
+    health.record_failure(106.0, "internal", "apply failed: RecursionError")
     assert health.failures == {
         "throttled": 2,
         "service": 1,
         "unreachable": 1,
         "rejected": 0,
         "invalid": 1,
+        "internal": 1,
     }
-    assert health.consecutive_failures == 5
-    assert health.last_error == "invalid instance document"
+    assert health.consecutive_failures == 6
+    assert health.last_error == "apply failed: RecursionError"
 
 
 def test_json_view() -> None:
@@ -94,7 +96,14 @@ def test_json_view() -> None:
         "last_error_at": "2023-11-14T22:13:25.000Z",
         "consecutive_failures": 1,
         "successes": 1,
-        "failures": {"throttled": 0, "service": 1, "unreachable": 0, "rejected": 0, "invalid": 0},
+        "failures": {
+            "throttled": 0,
+            "service": 1,
+            "unreachable": 0,
+            "rejected": 0,
+            "invalid": 0,
+            "internal": 0,
+        },
     }
 
 

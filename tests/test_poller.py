@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 from emulator_support import start_emulator
+from structlog.testing import capture_logs
 
 from imdsd import poller
 from imdsd.config import Config, ImdsConfig, PollConfig
@@ -277,6 +278,80 @@ async def test_a_failing_consumer_does_not_stop_the_poller(
     running = await start_pollers(nursery, config, sink)
     await sink.wait_for(lambda s: s.instance is not None)
     assert sink.calls == 2
+    running.scope.cancel()
+
+
+class BrokenSink(SnapshotHolder):
+    """A sink that fails to take any instance document while ``broken`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+        self.calls = 0
+
+    async def instance(self, doc: Instance, raw: dict[str, Any]) -> None:
+        self.calls += 1
+        if self.broken:
+            raise RecursionError("maximum recursion depth exceeded")
+        await super().instance(doc, raw)
+
+
+async def test_apply_failures_are_poll_failures_logged_once_per_error(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transitions = record_transitions(monkeypatch)
+    emulator = await start_emulator(nursery)
+    sink = BrokenSink()
+    config = make_config(emulator.url, instance=10.0, scheduled_events=0.0, loadbalancer=0.0)
+    with capture_logs() as logs:
+        running = await start_pollers(nursery, config, sink)
+        await trio.sleep(95)
+    health = running.board["instance"]
+    assert sink.calls == 10  # offered again every round: nothing is taken as applied
+    assert health.successes == 0
+    assert health.failures["internal"] == 10
+    assert health.state(trio.current_time()) == "stale"
+    assert running.board.status(trio.current_time()) == "starting"
+    assert health.last_error == "apply failed: RecursionError: maximum recursion depth exceeded"
+    assert [(t.old, t.new) for t in transitions] == [
+        ("starting", "degraded"),
+        ("degraded", "stale"),
+    ]
+    failed = [e for e in logs if e["event"] == "snapshot consumer failed"]
+    assert len(failed) == 1  # one traceback per distinct error, not one per poll
+    assert failed[0]["log_level"] == "error"
+    sink.broken = False
+    await sink.wait_for(lambda s: s.instance is not None)
+    assert health.state(trio.current_time()) == "ok"
+    assert transitions[-1].new == "ok"
+    running.scope.cancel()
+
+
+async def test_a_3xx_is_retried_with_backoff_and_never_followed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery)
+    config = make_config(emulator.url, instance=10.0, scheduled_events=0.0, loadbalancer=0.0)
+    running = await start_pollers(nursery, config)
+    await running.holder.wait_for(lambda s: s.instance is not None)
+    await emulator.faults(
+        {"status": 302, "path": "/metadata/instance"},
+        {"status": 301, "path": "/metadata/instance"},
+        {"status": 307, "path": "/metadata/instance"},
+    )
+    await emulator.control("PATCH", "instance", {"compute": {"vmSize": "Standard_D4s_v5"}})
+    await trio.sleep(10)  # the next round meets the 3xx answers
+    asked = trio.current_time()
+    fresh = await running.holder.wait_for(
+        lambda s: s.instance is not None and s.instance.compute.vm_size == "Standard_D4s_v5"
+    )
+    assert fresh.instance is not None
+    # backoff 0.5-1 s, 1-2 s, 2-4 s: the usual service-error backoff, not a minute's pause
+    assert trio.current_time() - asked <= 7.0
+    health = running.board["instance"]
+    assert health.failures["service"] == 3
+    assert health.failures["rejected"] == 0
+    assert (await emulator.stats())["by_path"]["/metadata/instance"] == 1 + 3 + 1
     running.scope.cancel()
 
 
