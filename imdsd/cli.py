@@ -19,12 +19,13 @@ DEFAULT_CONFIG = "/etc/imdsd/imdsd.toml"
 # command name -> "module:function"; each function takes the parsed arguments, returns an exit code.
 _HANDLERS = {
     "run": "imdsd.daemon:run_command",
-    "check-config": "imdsd.config:check_config_command",
+    "check-config": "imdsd.commands:check_config_command",
     "get": "imdsd.commands:get_command",
     "watch": "imdsd.commands:watch_command",
     "status": "imdsd.commands:status_command",
     "emulate": "imdsd.emulator.cli:emulate_command",
     "demo": "imdsd.demo:demo_command",
+    "redirect": "imdsd.redirect_command:redirect_command",
 }
 
 
@@ -103,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="emulator + daemon + example hook, scripted scenario")
     demo.add_argument("--duration", type=float, default=None, metavar="SECONDS")
+
+    redirect = sub.add_parser("redirect", help="install, remove or show the IMDS redirect")
+    redirect.add_argument("action", choices=("install", "remove", "status"))
+    redirect.add_argument("--json", action="store_true", help="status as JSON")
+    redirect.add_argument(
+        "--force", action="store_true", help="install even when nothing answers at the front"
+    )
+    _add_config(redirect)
     return parser
 
 

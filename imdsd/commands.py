@@ -11,7 +11,7 @@ import msgspec
 
 from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, fail
 from imdsd.client import ApiError, Client, DaemonUnreachable, error_message, read_target
-from imdsd.config import ConfigError, load_config
+from imdsd.config import ConfigError, load_config, render_toml
 from imdsd.frames import KINDS, Change, ChangeFrame, Frame, StateFrame, encode_line
 
 
@@ -161,3 +161,13 @@ def _status(args: argparse.Namespace) -> int:
 def status_command(args: argparse.Namespace) -> int:
     """``imdsd status [--json]``: health, revision, upstream state, budget, watchers, hooks."""
     return _guarded(_status, args)
+
+
+def check_config_command(args: argparse.Namespace) -> int:
+    """``imdsd check-config [-c FILE]``: print the effective config, or one error line (78)."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    sys.stdout.write(render_toml(cfg))
+    return EXIT_OK

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imdsd import config as config_module
+from imdsd.commands import check_config_command
 from imdsd.config import (
     Config,
     ConfigError,
@@ -26,7 +27,6 @@ from imdsd.config import (
     PollConfig,
     ServerConfig,
     StateConfig,
-    check_config_command,
     format_duration,
     load_config,
     parse_config,

@@ -34,7 +34,7 @@ from imdsd.api.access import AccessPolicy, Level, Peer
 from imdsd.api.context import ENDPOINTS, ApiContext, Endpoint, Freshness
 from imdsd.api.metrics import CONTENT_TYPE as METRICS_TYPE
 from imdsd.api.metrics import Metrics
-from imdsd.config import parse_duration
+from imdsd.durations import parse_duration
 from imdsd.filtering import FilterError, parse_format, render, split_path
 from imdsd.filtering import resolve as resolve_path
 from imdsd.frames import KINDS

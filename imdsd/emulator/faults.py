@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imdsd.config import parse_duration
+from imdsd.durations import parse_duration
 
 _KEYS = ("status", "count", "path", "delay", "reset", "body", "oversize", "truncate", "retry_after")
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from imdsd.config import format_duration, parse_duration
+from imdsd.durations import format_duration, parse_duration
 from imdsd.emulator.faults import FaultError, parse_fault
 from imdsd.emulator.state import StateError, VMState
 
