@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import trio
 
-from imdsd import demo
+from imdsd import demo, demo_view, demo_workspace
 from imdsd.config import parse_config
 from imdsd.emulator.scenario import demo_scenario
 from imdsd.frames import KINDS, Change, ChangeFrame, StateFrame
 
 REPO = Path(__file__).parent.parent
 EVENT_ID = "C7061BAC-AFDC-4513-B24B-AA5F13A16123"
-PLAIN = demo.Palette(enabled=False)
+PLAIN = demo_view.Palette(enabled=False)
 
 
 class _Tty(io.StringIO):
@@ -37,16 +37,16 @@ class _Tty(io.StringIO):
 
 
 def test_use_colour_only_on_a_tty_without_no_color() -> None:
-    assert demo.use_colour(_Tty(), {})
-    assert not demo.use_colour(_Tty(), {"NO_COLOR": "1"})
-    assert not demo.use_colour(_Tty(), {"TERM": "dumb"})
-    assert demo.use_colour(_Tty(), {"NO_COLOR": ""})  # empty means unset (no-color.org)
-    assert not demo.use_colour(io.StringIO(), {})
+    assert demo_view.use_colour(_Tty(), {})
+    assert not demo_view.use_colour(_Tty(), {"NO_COLOR": "1"})
+    assert not demo_view.use_colour(_Tty(), {"TERM": "dumb"})
+    assert demo_view.use_colour(_Tty(), {"NO_COLOR": ""})  # empty means unset (no-color.org)
+    assert not demo_view.use_colour(io.StringIO(), {})
 
 
 def test_palette() -> None:
-    assert demo.Palette(enabled=True)("ok", "green") == "\x1b[32mok\x1b[0m"
-    assert demo.Palette(enabled=True)("ok", None) == "ok"
+    assert demo_view.Palette(enabled=True)("ok", "green") == "\x1b[32mok\x1b[0m"
+    assert demo_view.Palette(enabled=True)("ok", None) == "ok"
     assert PLAIN("ok", "green") == "ok"
 
 
@@ -81,7 +81,7 @@ def test_scaled_divides_step_times() -> None:
 
 
 def test_daemon_config_is_valid_and_lively() -> None:
-    text = demo.daemon_config_text(
+    text = demo_workspace.daemon_config_text(
         "http://127.0.0.1:4242", "/tmp/imdsd-demo-x", ["/usr/bin/python3", "/tmp/h.py", 'a"b']
     )
     cfg = parse_config(text, "demo.toml")
@@ -93,7 +93,7 @@ def test_daemon_config_is_valid_and_lively() -> None:
     assert cfg.state.directory == "/tmp/imdsd-demo-x/state"
     assert cfg.log.format == "json"
     [hook] = cfg.hook
-    assert hook.name == demo.HOOK_NAME
+    assert hook.name == demo_workspace.HOOK_NAME
     assert hook.command == ["/usr/bin/python3", "/tmp/h.py", 'a"b']
     assert sorted(hook.on) == sorted(KINDS)
     assert hook.debounce == 0.0
@@ -105,12 +105,14 @@ def test_every_step_of_the_shipped_scenario_has_a_description() -> None:
     assert {"set_tag", "remove_tag", "attach_disk", "resize_disk", "add_nic"} <= actions
     assert {"reorder_nics", "add_event", "start_event", "remove_event", "fault"} <= actions
     for step in scenario.steps:
-        text = demo.describe_step(step)
+        text = demo_view.describe_step(step)
         assert not text.startswith(step.action), text
     fault = next(s for s in scenario.steps if s.action == "fault")
-    assert demo.describe_step(fault) == ("throttling burst: the next 6 IMDS requests get HTTP 429")
+    assert demo_view.describe_step(fault) == (
+        "throttling burst: the next 6 IMDS requests get HTTP 429"
+    )
     patch = next(s for s in scenario.steps if s.action == "patch_instance")
-    assert demo.describe_step(patch) == "patch the instance: compute.vmSize = Standard_D4s_v5"
+    assert demo_view.describe_step(patch) == "patch the instance: compute.vmSize = Standard_D4s_v5"
 
 
 DISK = {"lun": "1", "name": "data-1", "diskSizeGB": "128", "diskCapacityBytes": "1"}
@@ -158,22 +160,22 @@ EVENT = {"EventId": EVENT_ID, "EventType": "Reboot", "EventStatus": "Scheduled",
     ],
 )
 def test_change_detail(change: Change, detail: str) -> None:
-    assert demo.change_detail(change) == detail
+    assert demo_view.change_detail(change) == detail
 
 
 def test_short_key_keeps_short_keys() -> None:
-    assert demo.short_key("mac:000D3A112233") == "mac:000D3A112233"
-    assert demo.short_key(EVENT_ID) == "C7061BAC..."
+    assert demo_view.short_key("mac:000D3A112233") == "mac:000D3A112233"
+    assert demo_view.short_key(EVENT_ID) == "C7061BAC..."
 
 
 def test_parse_log_line() -> None:
-    assert demo.parse_log_line(b'{"event": "ready", "level": "info"}') == {
+    assert demo_view.parse_log_line(b'{"event": "ready", "level": "info"}') == {
         "event": "ready",
         "level": "info",
     }
-    assert demo.parse_log_line(b"Traceback (most recent call last):") is None
-    assert demo.parse_log_line(b"[1, 2]") is None
-    assert demo.parse_log_line(b'{"level": "info"}') is None
+    assert demo_view.parse_log_line(b"Traceback (most recent call last):") is None
+    assert demo_view.parse_log_line(b"[1, 2]") is None
+    assert demo_view.parse_log_line(b'{"level": "info"}') is None
 
 
 def test_inventory() -> None:
@@ -184,12 +186,12 @@ def test_inventory() -> None:
         },
         "scheduled_events": {"Events": [{}]},
     }
-    assert demo.inventory(state) == "1 tag, 0 data disks, 2 NICs, 1 scheduled event"
-    assert demo.inventory({}) == "0 tags, 0 data disks, 0 NICs, 0 scheduled events"
+    assert demo_view.inventory(state) == "1 tag, 0 data disks, 2 NICs, 1 scheduled event"
+    assert demo_view.inventory({}) == "0 tags, 0 data disks, 0 NICs, 0 scheduled events"
 
 
 def test_timeline_changes_and_state() -> None:
-    timeline = demo.Timeline(PLAIN)
+    timeline = demo_view.Timeline(PLAIN)
     assert "ready at revision 3" in timeline.state(1.0, StateFrame(3, {}))
     frame = ChangeFrame(
         7,
@@ -209,7 +211,7 @@ def test_timeline_changes_and_state() -> None:
 
 
 def test_timeline_log_events() -> None:
-    timeline = demo.Timeline(PLAIN)
+    timeline = demo_view.Timeline(PLAIN)
     ok = timeline.log_event(
         1.0,
         {"event": "hook finished", "level": "info", "hook": "h", "duration": 0.05, "output": "hi"},
@@ -247,7 +249,7 @@ def test_timeline_log_events() -> None:
 
 
 def test_summary() -> None:
-    timeline = demo.Timeline(PLAIN)
+    timeline = demo_view.Timeline(PLAIN)
     timeline.changes(1.0, ChangeFrame(2, "t", [Change("tags", "added", "a", None, "1")]))
     timeline.changes(2.0, ChangeFrame(3, "t", [Change("network", "added", "m", None, {})]))
     stats = {"total": 40, "by_status": {"200": 34, "429": 6}, "peak_rps": 3}
@@ -265,7 +267,7 @@ def test_summary() -> None:
 
 def test_hook_script(tmp_path: Path) -> None:
     script = tmp_path / "hook.py"
-    script.write_text(demo.HOOK_SCRIPT, encoding="utf-8")
+    script.write_text(demo_workspace.HOOK_SCRIPT, encoding="utf-8")
     log = tmp_path / "hook.log"
     frame = {
         "type": "change",
@@ -293,14 +295,14 @@ def test_hook_script(tmp_path: Path) -> None:
 
 
 def test_workspace_is_removed_and_short(tmp_path: Path) -> None:
-    with demo.workspace() as ws:
+    with demo_workspace.workspace() as ws:
         ws.write("http://127.0.0.1:1")
         root = Path(ws.root)
-        assert len(ws.socket) <= demo.SOCKET_PATH_MAX
+        assert len(ws.socket) <= demo_workspace.SOCKET_PATH_MAX
         assert (root / "state").is_dir()
         assert (root / "hooks.d").is_dir()
         assert parse_config(Path(ws.config).read_text("utf-8"), ws.config).hook
-        assert Path(ws.hook).read_text("utf-8") == demo.HOOK_SCRIPT
+        assert Path(ws.hook).read_text("utf-8") == demo_workspace.HOOK_SCRIPT
         assert ws.hook_log_lines() == 0
         Path(ws.hook_log).write_text("a\nb\n", encoding="utf-8")
         assert ws.hook_log_lines() == 2
@@ -308,7 +310,7 @@ def test_workspace_is_removed_and_short(tmp_path: Path) -> None:
 
 
 def test_daemon_env() -> None:
-    env = demo.daemon_env(
+    env = demo_workspace.daemon_env(
         {"PATH": "/bin", "NOTIFY_SOCKET": "/run/x", "LISTEN_FDS": "1", "PYTHONPATH": "/a"}
     )
     assert "NOTIFY_SOCKET" not in env
@@ -324,7 +326,7 @@ def test_a_daemon_that_dies_fails_the_demo(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(sys, "executable", "/bin/false")
     out = io.StringIO()
     started = time.monotonic()
-    with demo.workspace() as ws, open(ws.daemon_log, "wb") as log:
+    with demo_workspace.workspace() as ws, open(ws.daemon_log, "wb") as log:
         code = trio.run(demo.Demo(ws, 10.0, out, log).run)
     assert time.monotonic() - started < 5  # it does not wait for --duration
     text = out.getvalue()
