@@ -8,19 +8,3 @@
 - :mod:`imdsd.api.metrics`: Prometheus metrics registry.
 - :mod:`imdsd.api.server`: listeners and dispatch (trio).
 """
-
-from imdsd.api.access import AccessPolicy, Peer
-from imdsd.api.context import ApiContext, Freshness
-from imdsd.api.metrics import Metrics
-from imdsd.api.server import ApiServer, ListenError, open_listeners
-
-__all__ = [
-    "AccessPolicy",
-    "ApiContext",
-    "ApiServer",
-    "Freshness",
-    "ListenError",
-    "Metrics",
-    "Peer",
-    "open_listeners",
-]

@@ -9,14 +9,16 @@ implement this with in-memory fakes; ``imdsd.daemon`` wires the real objects.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from imdsd.broadcast import Subscription
 from imdsd.frames import ChangeFrame, GoneFrame
 from imdsd.model import Snapshot
+from imdsd.upstream.versions import ENDPOINTS, Endpoint
 
-Endpoint = Literal["instance", "scheduled_events", "loadbalancer"]
-ENDPOINTS: tuple[Endpoint, ...] = ("instance", "scheduled_events", "loadbalancer")
+if TYPE_CHECKING:
+    from imdsd.broadcast import Subscription
+
+__all__ = ["ENDPOINTS", "ApiContext", "Endpoint", "Freshness"]
 
 
 class Freshness(NamedTuple):

@@ -1,0 +1,77 @@
+"""The sans-IO core is sans-IO at import time: importing it loads no event loop or logger.
+
+Each module is imported in a fresh interpreter, so nothing imported by another test (or by
+another module of the list) can hide a dependency that a package ``__init__`` or a stray
+import drags in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CORE = (
+    "imdsd.api.access",
+    "imdsd.api.context",
+    "imdsd.api.lines",
+    "imdsd.api.metrics",
+    "imdsd.api.routes",
+    "imdsd.changes",
+    "imdsd.config",
+    "imdsd.configrules",
+    "imdsd.demo_view",
+    "imdsd.durations",
+    "imdsd.emulator.attested",
+    "imdsd.emulator.control",
+    "imdsd.emulator.endpoints",
+    "imdsd.emulator.faults",
+    "imdsd.emulator.profiles",
+    "imdsd.emulator.rules",
+    "imdsd.emulator.scenario",
+    "imdsd.emulator.state",
+    "imdsd.emulator.stats",
+    "imdsd.filtering",
+    "imdsd.frames",
+    "imdsd.health",
+    "imdsd.hooks.merge",
+    "imdsd.hooks.model",
+    "imdsd.hooks.schedule",
+    "imdsd.model",
+    "imdsd.store",
+    "imdsd.tomlwriter",
+    "imdsd.upstream.retry",
+    "imdsd.upstream.versions",
+)
+IO_LIBRARIES = ("trio", "structlog", "h11")
+
+_PROBE = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(name for name in sys.argv[2:] if name in sys.modules)))
+"""
+
+
+def loaded_after_import(module: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of ``watched`` a fresh interpreter has loaded after importing ``module``."""
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, module, *watched],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded: list[str] = json.loads(result.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_module_imports_no_io_library(module: str) -> None:
+    assert loaded_after_import(module, IO_LIBRARIES) == []
+
+
+def test_the_probe_sees_io_libraries() -> None:
+    assert loaded_after_import("imdsd.broadcast", IO_LIBRARIES) == ["trio"]
