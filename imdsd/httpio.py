@@ -35,6 +35,7 @@ log = structlog.get_logger("imdsd.httpio")
 
 Headers = list[tuple[bytes, bytes]]
 RECV_SIZE = 65536
+MAX_INFORMATIONAL = 10  # 1xx responses a client accepts before the final one
 
 
 class HttpIOError(Exception):
@@ -194,6 +195,22 @@ class _Wire:
                         await self.receive_into_h11()
                 continue
             return event
+
+    async def final_response(self) -> h11.Response:
+        """The response to the request just sent, after at most ``MAX_INFORMATIONAL`` 1xx.
+
+        More informational responses than that is a ProtocolViolation: a peer flooding them
+        would otherwise keep the client busy for as long as it likes.
+        """
+        for _ in range(MAX_INFORMATIONAL + 1):
+            event = await self.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                raise PeerClosed("server closed the connection before answering")
+            if not isinstance(event, h11.InformationalResponse):
+                raise ProtocolViolation(f"expected a response, got {type(event).__name__}")
+        raise ProtocolViolation(f"more than {MAX_INFORMATIONAL} informational (1xx) responses")
 
     def has_buffered_data(self) -> bool:
         """True when bytes of a next message are already buffered (pipelining)."""
@@ -691,15 +708,19 @@ class ClientConnection:
         return conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and not self._eof()
 
     def _eof(self) -> bool:
-        """True when the idle peer has closed (or sent something unexpected)."""
+        """True when the idle peer has closed (or sent something unexpected).
+
+        ``poll``, not ``select``: a descriptor above 1023 is as good as any other.
+        """
         stream = self._wire.stream
         if not isinstance(stream, trio.SocketStream):
             return False
         try:
-            readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
-        except (OSError, ValueError):
+            poller = select.poll()
+            poller.register(stream.socket.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # closed: fileno() is -1
             return True
-        return bool(readable)
 
     async def request(
         self,
@@ -725,12 +746,7 @@ class ClientConnection:
                 if body:
                     await wire.send(h11.Data(data=body))
                 await wire.send(h11.EndOfMessage())
-                while True:
-                    event = await wire.next_event()
-                    if isinstance(event, h11.ConnectionClosed):
-                        raise PeerClosed("server closed the connection before answering")
-                    if isinstance(event, h11.Response):
-                        break
+                event = await wire.final_response()
                 resp_body = await wire.read_body(self.max_body)
         except trio.TooSlowError as exc:
             await self.aclose()
@@ -766,13 +782,13 @@ class ClientConnection:
             with trio.fail_after(head_timeout):
                 await wire.send(h11.Request(method=method, target=target, headers=all_headers))
                 await wire.send(h11.EndOfMessage())
-                event = await wire.next_event()
+                event = await wire.final_response()
         except trio.TooSlowError as exc:
             await self.aclose()
             raise Deadline(f"no answer within {head_timeout:g}s") from exc
-        if not isinstance(event, h11.Response):
+        except HttpIOError:
             await self.aclose()
-            raise PeerClosed("server closed the connection before answering")
+            raise
         head = Response(event.status_code, event.reason.decode("latin-1"), list(event.headers), b"")
         buffer = bytearray()
         done = False

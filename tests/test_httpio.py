@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import resource
 import socket
 import stat
 from collections.abc import AsyncIterator
@@ -14,6 +17,7 @@ import trio
 import trio.lowlevel
 
 from imdsd.httpio import (
+    MAX_INFORMATIONAL,
     BodyTooLarge,
     ClientConnection,
     ConnectFailed,
@@ -21,6 +25,7 @@ from imdsd.httpio import (
     HttpServer,
     IdleConnections,
     PeerClosed,
+    ProtocolViolation,
     Request,
     Responder,
     ServerLimits,
@@ -345,3 +350,73 @@ async def test_unix_listener_replaces_stale_socket_and_sets_mode(tmp_path: Path)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     finally:
         await listener.aclose()
+
+
+def _stream_above_fd_1023(path: str) -> trio.SocketStream:
+    """A connected unix socket whose descriptor is above 1023 (out of ``select``'s reach)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) allows no descriptor above 1023")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    plain.connect(path)
+    high = fcntl.fcntl(plain.fileno(), fcntl.F_DUPFD_CLOEXEC, 1100)
+    plain.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=high)
+    sock.setblocking(False)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def test_client_on_a_descriptor_above_1023_stays_reusable(tmp_path: Path) -> None:
+    async with running(tmp_path, ServerLimits(idle_timeout=3600)) as (path, server):
+        client = ClientConnection(_stream_above_fd_1023(path))
+        try:
+            for _ in range(3):
+                assert (await client.request("GET", "/", [("host", "t")])).status == 200
+                assert client.reusable
+            assert server.accepted == 1
+        finally:
+            await client.aclose()
+        assert not client.reusable
+
+
+async def _informational_server(
+    count: int | None, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer one request with ``count`` 1xx responses (None: endless) and then a 200."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(f"{listeners[0].socket.getsockname()[1]}")
+    stream = await listeners[0].accept()
+    await stream.receive_some(65536)
+    sent = 0
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while count is None or sent < count:
+            batch = 100 if count is None else min(100, count - sent)
+            await stream.send_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" * batch)
+            sent += batch
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.receive_some(65536)
+    await stream.aclose()
+    await listeners[0].aclose()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_client_refuses_a_flood_of_informational_responses(streamed: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_informational_server, None)
+        client = ClientConnection(await open_tcp("127.0.0.1", int(port), 2))
+        send = client.stream_lines if streamed else client.request
+        with trio.fail_after(10), pytest.raises(ProtocolViolation, match="informational"):
+            await send("GET", "/", [("host", "t")])
+        assert not client.reusable
+        await client.aclose()
+
+
+async def test_client_skips_a_few_informational_responses() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_informational_server, MAX_INFORMATIONAL)
+        client = ClientConnection(await open_tcp("127.0.0.1", int(port), 2))
+        response = await client.request("GET", "/", [("host", "t")], timeout=10)
+        assert (response.status, response.body) == (200, b"ok")
+        await client.aclose()
