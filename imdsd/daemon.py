@@ -36,6 +36,8 @@ from imdsd.hooks.sources import load_hooks
 from imdsd.httpio import ClientConnection, HttpIOError, open_unix
 from imdsd.keeper import StateKeeper, load_store
 from imdsd.logs import configure_logging
+from imdsd.metrics_server import FD_NAME as METRICS_FD_NAME
+from imdsd.metrics_server import MetricsServer, addresses, open_metrics_listeners
 from imdsd.model import Snapshot
 from imdsd.persist import PersistError
 from imdsd.poller import run_pollers
@@ -122,11 +124,13 @@ class Daemon:
         *,
         notifier: Notifier | None = None,
         inherited: Sequence[socket.socket] = (),
+        metrics_inherited: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.notifier = notifier or Notifier(None)
         self.inherited = list(inherited)
+        self.metrics_inherited = list(metrics_inherited)
         self.keeper = StateKeeper(
             load_store(config.state.directory, config.state.history), config.state.directory
         )
@@ -147,6 +151,7 @@ class Daemon:
         self.keeper.listeners.append(lambda frame: self.metrics.count_changes(frame.changes))
         self.api = ApiServer(DaemonContext(self), config.server, self.metrics)
         self.keeper.listeners.append(self.api.deliver)
+        self.metrics_server = MetricsServer(self.metrics)
         self.serving = False
         self.pollers_alive = False
         self._pollers_scope = trio.CancelScope()
@@ -187,12 +192,18 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or :meth:`stop`); ``started`` once READY."""
         listeners = open_listeners(self.config.server, self.inherited)
+        metrics_listeners = await open_metrics_listeners(
+            self.config.metrics.listen, self.metrics_inherited
+        )
         self._probe_path = _unix_path(listeners[0].socket)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._handle_signals)
             nursery.start_soon(self.keeper.run_saver)
             api_scope = trio.CancelScope()
             await nursery.start(self._run_api, listeners, api_scope)
+            if metrics_listeners:
+                await nursery.start(self.metrics_server.serve, metrics_listeners)
+                log.info("metrics listening", addresses=addresses(metrics_listeners))
             await nursery.start(self.hooks.run)
             nursery.start_soon(self._run_pollers)
             if await self._ready_or_stopped():
@@ -286,6 +297,8 @@ class Daemon:
                 log.warning("setting needs a restart to apply", key=f"server.{key}")
         if old.state != new.state:
             log.warning("setting needs a restart to apply", key="state")
+        if old.metrics != new.metrics:
+            log.warning("setting needs a restart to apply", key="metrics.listen")
         if old.imds != new.imds or old.poll != new.poll:
             old_client = self.client
             self.budget = Budget(new.imds.max_requests_per_second)
@@ -346,11 +359,19 @@ def run_command(args: argparse.Namespace) -> int:
     configure_logging(config.log.level, config.log.format)
     notifier = Notifier.from_env()
     try:
-        inherited = [sock for sock, _name in listen_fds()]
+        passed = listen_fds()
+        inherited = [sock for sock, name in passed if name != METRICS_FD_NAME]
+        metrics_inherited = [sock for sock, name in passed if name == METRICS_FD_NAME]
     except SystemdError as exc:
         return fail(str(exc), EXIT_CONFIG)
     try:
-        daemon = Daemon(config, args.config, notifier=notifier, inherited=inherited)
+        daemon = Daemon(
+            config,
+            args.config,
+            notifier=notifier,
+            inherited=inherited,
+            metrics_inherited=metrics_inherited,
+        )
         trio.run(daemon.run)
     except ListenError as exc:
         return fail(str(exc), EXIT_FAILURE)

@@ -111,10 +111,16 @@ class DaemonProcess:
 
 @asynccontextmanager
 async def daemon(
-    config: Path, env: Mapping[str, str] | None = None, argv_prefix: list[str] | None = None
+    config: Path,
+    env: Mapping[str, str] | None = None,
+    argv_prefix: list[str] | None = None,
+    log_path: Path | None = None,
 ) -> AsyncIterator[DaemonProcess]:
-    """Run ``imdsd run -c config`` for the duration of the block (killed at the end)."""
-    log = config.parent / f"imdsd-{os.urandom(3).hex()}.log"
+    """Run ``imdsd run -c config`` for the duration of the block (killed at the end).
+
+    Its stdout and stderr go to ``log_path`` (by default a new file next to ``config``).
+    """
+    log = log_path or config.parent / f"imdsd-{os.urandom(3).hex()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
     full_env.update(env or {})
     argv = [*(argv_prefix or []), sys.executable, "-m", "imdsd", "run", "-c", str(config)]

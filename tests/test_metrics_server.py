@@ -1,0 +1,154 @@
+"""The TCP metrics listener: GET/HEAD /metrics only, bound or socket-activated, in the daemon."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+from daemon_support import daemon, emulator, write_config
+
+from imdsd.api.metrics import CONTENT_TYPE, Metrics
+from imdsd.api.server import ListenError
+from imdsd.httpio import ClientConnection, Response, open_tcp
+from imdsd.metrics_server import MetricsServer, open_metrics_listeners, split_address
+
+
+async def request(port: int, method: str, target: str, host: str = "127.0.0.1") -> Response:
+    """One request to the metrics listener."""
+    conn = ClientConnection(await open_tcp(host, port, 5))
+    try:
+        return await conn.request(method, target, [("host", "prometheus")], timeout=10)
+    finally:
+        await conn.aclose()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [("127.0.0.1:9469", ("127.0.0.1", 9469)), ("[::1]:80", ("::1", 80)), ("host:1", ("host", 1))],
+)
+def test_split_address(listen: str, address: tuple[str, int]) -> None:
+    assert split_address(listen) == address
+
+
+async def test_serves_metrics_and_nothing_else() -> None:
+    metrics = Metrics()
+    metrics.upstream_request("instance", 200)
+    server = MetricsServer(metrics)
+    [listener] = await open_metrics_listeners("127.0.0.1:0")
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, [listener])
+        reply = await request(port, "GET", "/metrics")
+        assert reply.status == 200
+        assert reply.header("content-type") == CONTENT_TYPE.decode()
+        assert reply.body == metrics.render()
+        assert b'imdsd_upstream_requests_total{endpoint="instance",class="2xx"} 1' in reply.body
+        assert (await request(port, "GET", "/metrics?x=1")).status == 200
+        for target in ("/", "/v1/health", "/metadata/instance", "/metrics/", "/metricsx"):
+            missing = await request(port, "GET", target)
+            assert missing.status == 404, target
+            assert b"error" in missing.body
+        for method in ("POST", "PUT", "DELETE"):
+            refused = await request(port, method, "/metrics")
+            assert refused.status == 405, method
+            assert refused.header("allow") == "GET, HEAD"
+        nursery.cancel_scope.cancel()
+
+
+async def test_head_answers_like_get_without_a_body() -> None:
+    server = MetricsServer(Metrics())
+    [listener] = await open_metrics_listeners("127.0.0.1:0")
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, [listener])
+        head = await request(port, "HEAD", "/metrics")
+        assert head.status == 200
+        assert head.body == b""
+        assert head.header("content-type") == CONTENT_TYPE.decode()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_inherited_socket_is_served_instead_of_binding() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    [listener] = await open_metrics_listeners("127.0.0.1:1", [sock])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(MetricsServer(Metrics()).serve, [listener])
+        assert (await request(port, "GET", "/metrics")).status == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_off_by_default_and_clear_errors() -> None:
+    assert await open_metrics_listeners("") == []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            ListenError, match=rf"metrics.listen: cannot listen on 127.0.0.1:{port}"
+        ):
+            await open_metrics_listeners(f"127.0.0.1:{port}")
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram,
+        pytest.raises(ListenError, match="not a listening stream socket"),
+    ):
+        await open_metrics_listeners("", [datagram])
+
+
+async def test_daemon_serves_the_socket_text_over_tcp(tmp_path: Path) -> None:
+    port = free_port()
+    async with emulator(port=0) as emu:
+        config = write_config(tmp_path, emu.url, f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        async with daemon(config) as proc:
+            await proc.wait_ready()
+            tcp = await request(port, "GET", "/metrics")
+            unix = await proc.get("/metrics")
+            assert tcp.status == unix.status == 200
+            names = {line.split()[2] for line in tcp.body.decode().splitlines() if "# TYPE" in line}
+            assert names == {
+                line.split()[2] for line in unix.body.decode().splitlines() if "# TYPE" in line
+            }
+            assert "imdsd_upstream_requests_total" in names
+            events = [e["event"] for e in proc.log_events()]
+            assert "metrics listening" in events
+            assert await proc.stop() == 0
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate"
+)
+async def test_socket_activated_metrics_listener(tmp_path: Path) -> None:
+    port = free_port()
+    api = str(tmp_path / "activated.sock")
+    async with emulator(port=0) as emu:
+        config = write_config(tmp_path, emu.url)  # no [metrics] listen: only the passed fd
+        prefix = [
+            "systemd-socket-activate",
+            "-l",
+            api,
+            "-l",
+            f"127.0.0.1:{port}",
+            "--fdname=api:metrics",
+        ]
+        async with daemon(config, argv_prefix=prefix) as proc:
+            proc.socket = api
+            await proc.wait_ready()
+            reply = await request(port, "GET", "/metrics")
+            assert reply.status == 200
+            assert b"# TYPE imdsd_revision gauge" in reply.body
+            assert (await request(port, "GET", "/v1/health")).status == 404
+            assert (await proc.get("/v1/health")).status == 200  # the api fd is the API
+            assert await proc.stop() == 0
