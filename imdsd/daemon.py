@@ -150,6 +150,7 @@ class Daemon:
         self.metrics.budget_in_use.track(lambda: self.budget.in_use())  # noqa: PLW0108 - rebound on reload
         self.keeper.listeners.append(lambda frame: self.metrics.count_changes(frame.changes))
         self.api = ApiServer(DaemonContext(self), config.server, self.metrics)
+        self.hooks.policy = self.api.policy  # hooks see what the socket shows their uid
         self.keeper.listeners.append(self.api.deliver)
         self.metrics_server = MetricsServer(self.metrics)
         self.serving = False
@@ -306,6 +307,7 @@ class Daemon:
             self._pollers_scope.cancel()  # _run_pollers restarts them with the new client
             await old_client.aclose()
         self.api.reconfigure(new.server)
+        self.hooks.policy = self.api.policy
         self.hooks.replace_hooks(load_hooks(new))
         self.hooks.set_max_parallel(new.hooks.max_parallel)
         log.info("configuration reloaded", path=self.config_path)

@@ -1,12 +1,15 @@
 """The hook dispatcher (trio shell): wakes hooks when the revision advances and runs them.
 
-One task per hook drives its :class:`HookSchedule`; a ``trio.CapacityLimiter`` bounds how
-many hook processes run at once. The only input is "the ledger's revision advanced": every
-frame a run receives is computed from the ledger, never queued.
+One task per ``[[hook]]`` drives its :class:`HookSchedule`; one task per ``<kind>.d/``
+directory (a *lane*) runs that directory's due hooks one after another in lexical order, like
+run-parts. A ``trio.CapacityLimiter`` bounds how many hook processes run at once. The only
+input is "the ledger's revision advanced": every frame a run receives is computed from the
+ledger, never queued.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -14,7 +17,9 @@ from datetime import UTC, datetime
 import structlog
 import trio
 
+from imdsd.api.access import AccessPolicy
 from imdsd.frames import KINDS, encode_line
+from imdsd.hooks.access import frame_for_hook
 from imdsd.hooks.ledger import HookLedger, WaitForRevision
 from imdsd.hooks.model import Hook
 from imdsd.hooks.runner import (
@@ -47,11 +52,22 @@ def _timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _Worker:
-    """One hook's task state: its schedule, wake-up event and last run."""
+class _Lane:
+    """The hooks of one ``<kind>.d/`` directory, run by one task in lexical order."""
 
-    def __init__(self, schedule: HookSchedule) -> None:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.wake = trio.Event()
+        self.started = False
+        self.current: _Worker | None = None
+
+
+class _Worker:
+    """One hook's state: its schedule, wake-up event, lane (directory hooks) and last run."""
+
+    def __init__(self, schedule: HookSchedule, lane: _Lane | None = None) -> None:
         self.schedule = schedule
+        self.lane = lane
         self.wake = trio.Event()
         self.scope = trio.CancelScope()
         self.removed = False
@@ -60,16 +76,19 @@ class _Worker:
 
     def poke(self) -> None:
         self.wake.set()
+        if self.lane is not None:
+            self.lane.wake.set()
 
 
 class HookDispatcher:
     """Runs ``hooks`` on the changes stored in ``ledger``, at least once each.
 
     ``wait_for_revision(rev)`` must return once ``ledger.revision > rev``. Hook runs get
-    ``IMDSD_SOCKET=socket_path``; at most ``max_parallel`` run at once. The keyword options
-    exist for tests (shorter kill grace and backoff). An unexpected error in a hook's task
-    is logged and the hook carries on after ``backoff_base`` seconds; it never ends the
-    dispatcher.
+    ``IMDSD_SOCKET=socket_path``; at most ``max_parallel`` run at once. Each run's frame is
+    redacted by ``policy`` for the uid and gid the hook runs as, as the socket would redact
+    it. The other keyword options exist for tests (shorter kill grace and backoff). An
+    unexpected error in a hook's task is logged and the hook carries on after
+    ``backoff_base`` seconds; it never ends the dispatcher.
     """
 
     def __init__(
@@ -86,6 +105,7 @@ class HookDispatcher:
         output_cap: int = OUTPUT_CAP,
         read_tail: float = READ_TAIL,
         euid: int | None = None,
+        policy: AccessPolicy | None = None,
     ) -> None:
         self._ledger = ledger
         self._wait_for_revision = wait_for_revision
@@ -96,7 +116,11 @@ class HookDispatcher:
         self._output_cap = output_cap
         self._read_tail = read_tail
         self._euid = os.geteuid() if euid is None else euid
+        self._egid = os.getegid()
+        self.policy = policy or AccessPolicy()
+        """The socket's access policy, applied to each run's frame (replace it on reload)."""
         self._workers: dict[str, _Worker] = {}
+        self._lanes: dict[str, _Lane] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._done = trio.Event()
@@ -132,14 +156,15 @@ class HookDispatcher:
             wanted[hook.name] = hook
         for name, worker in list(self._workers.items()):
             if name not in wanted and not worker.removed:
-                worker.removed = True
-                if not worker.started:
-                    del self._workers[name]
-                elif not worker.schedule.running:
-                    worker.scope.cancel()
+                self._remove(worker)
                 log.info("hook removed", hook=name)
         for name, hook in wanted.items():
             existing = self._workers.get(name)
+            if existing is not None and existing.schedule.hook.directory_kind != (
+                hook.directory_kind
+            ):
+                self._remove(existing)
+                existing = None
             if existing is None:
                 self._add(hook)
                 continue
@@ -150,11 +175,28 @@ class HookDispatcher:
             worker.poke()
         self._ledger.forget_hooks(wanted)
 
+    def _remove(self, worker: _Worker) -> None:
+        """Stop following ``worker``'s hook; a running process finishes first."""
+        worker.removed = True
+        name = worker.schedule.hook.name
+        if not worker.started or (worker.lane is not None and not worker.schedule.running):
+            if self._workers.get(name) is worker:
+                del self._workers[name]
+        elif worker.lane is None and not worker.schedule.running:
+            worker.scope.cancel()
+
+    def _forget_removed(self, worker: _Worker) -> None:
+        name = worker.schedule.hook.name
+        if worker.removed and self._workers.get(name) is worker:
+            del self._workers[name]
+
     def _add(self, hook: Hook) -> None:
         schedule = HookSchedule(
             hook, self._ledger, backoff_base=self._backoff[0], backoff_cap=self._backoff[1]
         )
-        worker = _Worker(schedule)
+        kind = hook.directory_kind
+        lane = None if kind is None else self._lanes.setdefault(kind, _Lane(kind))
+        worker = _Worker(schedule, lane)
         self._workers[hook.name] = worker
         self.metrics.of(hook.name)
         if schedule.fresh:
@@ -168,7 +210,7 @@ class HookDispatcher:
         if not worker.scope.cancel_called:
             worker.removed = False
             return worker
-        revived = _Worker(worker.schedule)
+        revived = _Worker(worker.schedule, worker.lane)
         revived.last_run = worker.last_run
         self._workers[worker.schedule.hook.name] = revived
         if self._nursery is not None:
@@ -176,9 +218,15 @@ class HookDispatcher:
         return revived
 
     def _start(self, worker: _Worker, nursery: trio.Nursery) -> None:
-        if not worker.started:
-            worker.started = True
+        if worker.started:
+            return
+        worker.started = True
+        lane = worker.lane
+        if lane is None:
             nursery.start_soon(self._serve, worker, name=f"hook {worker.schedule.hook.name}")
+        elif not lane.started:
+            lane.started = True
+            nursery.start_soon(self._serve_lane, lane, name=f"hooks {lane.kind}.d")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Dispatch until cancelled or :meth:`shutdown`; ready once every hook is followed."""
@@ -266,9 +314,53 @@ class HookDispatcher:
                     worker.schedule.abandon()
                     log.exception("hook worker error", hook=worker.schedule.hook.name)
                     await trio.sleep(self._backoff[0])
-        name = worker.schedule.hook.name
-        if self._workers.get(name) is worker and worker.removed:
-            del self._workers[name]
+        self._forget_removed(worker)
+
+    def _members(self, lane: _Lane) -> list[_Worker]:
+        """The lane's hooks in lexical order of their file names."""
+        members = [w for w in self._workers.values() if w.lane is lane and not w.removed]
+        return sorted(members, key=lambda w: w.schedule.hook.command[0])
+
+    async def _serve_lane(self, lane: _Lane) -> None:
+        while True:
+            lane.current = None
+            try:
+                await self._lane_step(lane)
+            except Exception:
+                worker = lane.current
+                if worker is not None:
+                    worker.schedule.abandon()
+                name = f"{lane.kind}.d" if worker is None else worker.schedule.hook.name
+                log.exception("hook worker error", hook=name)
+                await trio.sleep(self._backoff[0])
+
+    async def _lane_step(self, lane: _Lane) -> None:
+        """Run one pass over the lane when a hook is due, else wait for the earliest one.
+
+        In a pass each due hook runs after the previous one ended; a failed hook does not stop
+        the pass, and is retried in a later pass once its own backoff has passed.
+        """
+        lane.wake = trio.Event()
+        wait_until = math.inf
+        due = False
+        for worker in [] if self._stopping else self._members(lane):
+            lane.current = worker
+            action = worker.schedule.next_action(trio.current_time())
+            due = due or isinstance(action, Ready)
+            if isinstance(action, WaitUntil):
+                wait_until = min(wait_until, action.at)
+        if not due:
+            lane.current = None
+            with trio.move_on_at(wait_until):
+                await lane.wake.wait()
+            return
+        for worker in self._members(lane):
+            lane.current = worker
+            if self._stopping:
+                return
+            if isinstance(worker.schedule.next_action(trio.current_time()), Ready):
+                await self._deliver(worker)
+            self._forget_removed(worker)
 
     async def _step(self, worker: _Worker) -> None:
         """Do what the schedule says next: run, wait for a deadline, or wait for a change."""
@@ -312,8 +404,8 @@ class HookDispatcher:
         self._record(worker, hook, delivery, result)
 
     async def _attempt(self, hook: Hook, delivery: Delivery) -> RunResult:
-        frame = delivery.frame
-        assert frame is not None
+        assert delivery.frame is not None
+        frame = frame_for_hook(delivery.frame, hook.run_as, self.policy, self._euid, self._egid)
         if hook.directory_kind is not None:
             reason = check_hook_file(hook.command[0], self._euid)
             if reason is not None:
@@ -336,7 +428,10 @@ class HookDispatcher:
         counters.runs += 1
         counters.duration_sum += result.duration
         counters.duration_count += 1
-        if result.timed_out:
+        if result.deferred:
+            counters.failures += 1
+            outcome = Outcome.NOT_STARTED
+        elif result.timed_out:
             counters.timeouts += 1
             outcome = Outcome.TIMEOUT
         elif not result.ok:

@@ -10,6 +10,7 @@ after the group is gone even if an escaped process still holds the pipe.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -25,6 +26,10 @@ OUTPUT_CAP = 64 * 1024
 KILL_GRACE = 5.0
 READ_TAIL = 1.0
 _POLL = 0.02
+DEFERRED_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS, errno.EINTR}
+)
+"""Start failures caused by a lack of resources: the run is deferred, not failed."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class RunResult:
     not start (``error`` says why). ``output`` is at most the cap; ``dropped`` counts the bytes
     drained beyond it. ``leftovers`` is True when processes remained in its group after it
     exited and had to be terminated. ``pid`` is the process id (and process group id).
+    ``start_errno`` is the errno of a failed start.
     """
 
     exit_code: int | None
@@ -45,6 +51,12 @@ class RunResult:
     leftovers: bool = False
     error: str | None = None
     pid: int | None = None
+    start_errno: int | None = None
+
+    @property
+    def deferred(self) -> bool:
+        """True when the process could not start for lack of resources (EMFILE, ENOMEM ...)."""
+        return self.start_errno in DEFERRED_ERRNOS
 
     @property
     def ok(self) -> bool:
@@ -185,6 +197,7 @@ async def run_hook_process(
             timed_out=False,
             duration=trio.current_time() - start,
             error=f"cannot start {argv[0]!r}: {exc}",
+            start_errno=exc.errno if isinstance(exc, OSError) else None,
         )
     pgid = proc.pid
     output = _Output(output_cap)

@@ -28,6 +28,9 @@ class Outcome(Enum):
     OK = "ok"
     FAILED = "failed"
     TIMEOUT = "timeout"
+    NOT_STARTED = "not-started"
+    """The process could not be started for lack of resources (EMFILE ...): retried with
+    backoff like a failure, but it does not use up an attempt and is never given up."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class HookSchedule:
         self._pending_since: float | None = None
         self._in_flight: Delivery | None = None
         self._failures = 0
+        self._stalls = 0
         self._retry_at: float | None = None
 
     @property
@@ -144,6 +148,7 @@ class HookSchedule:
         self._hook = hook
         self._retry_at = None
         self._failures = 0
+        self._stalls = 0
 
     def remark(self) -> None:
         """Write the delivered revision to the ledger again (after it forgot this hook)."""
@@ -211,14 +216,18 @@ class HookSchedule:
         self._in_flight = None
         if outcome is Outcome.OK:
             self._advance(delivery.upto)
-            self._failures = 0
+            self._failures = self._stalls = 0
             return Verdict(result="ok", attempts=delivery.attempt)
-        self._failures += 1
+        if outcome is Outcome.NOT_STARTED:
+            self._stalls += 1
+        else:
+            self._failures += 1
         if self._failures > self._hook.retries:
             self._advance(delivery.upto)
-            self._failures = 0
+            self._failures = self._stalls = 0
             return Verdict(result="gave-up", attempts=delivery.attempt)
-        self._retry_at = now + backoff_delay(self._failures, *self._backoff)
+        delay = backoff_delay(self._failures + self._stalls, *self._backoff)
+        self._retry_at = now + delay
         return Verdict(result=outcome.value, attempts=delivery.attempt, retry_at=self._retry_at)
 
     def abandon(self) -> None:

@@ -1,0 +1,116 @@
+"""Hooks of one ``<kind>.d/`` directory run one after another, in lexical order (run-parts)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from structlog.testing import capture_logs
+from test_hooks_dispatcher import Recorder, _dispatcher, running, until
+from test_hooks_support import FakeLedger, change, tag
+
+from imdsd.frames import Change
+from imdsd.hooks.sources import scan_directory
+
+NAMES = ["10-mount", "20-format", "30-use"]
+
+
+def _runs(recorders: dict[str, Recorder]) -> list[tuple[float, float, str]]:
+    """Every run as (start, end, name), ordered by start."""
+    out = []
+    for name, rec in recorders.items():
+        starts = [r["start"] for r in rec.runs()]
+        ends = rec.ends()
+        assert len(starts) == len(ends), f"{name}: a run did not finish"
+        out += [(s, e, name) for s, e in zip(starts, ends, strict=True)]
+    return sorted(out)
+
+
+def _assert_sequential(runs: list[tuple[float, float, str]]) -> None:
+    for (_, end, before), (start, _, after) in itertools.pairwise(runs):
+        assert start >= end, f"{after} started before {before} ended: {runs}"
+
+
+def _lane(tmp_path: Path, **fails: int) -> dict[str, Recorder]:
+    (tmp_path / "disks.d").mkdir()
+    directory = tmp_path / "disks.d"
+    # created in reverse so directory order (and creation order) is not lexical order
+    return {
+        name: Recorder(directory, name, sleep=0.02, fail_times=fails.get(name, 0))
+        for name in reversed(NAMES)
+    }
+
+
+def _disk(i: int) -> Change:
+    return change("disks", "attached", f"lun:{i}", new={"lun": i})
+
+
+async def test_directory_hooks_run_one_after_another_in_lexical_order(tmp_path: Path) -> None:
+    recorders = _lane(tmp_path)
+    hooks = scan_directory(str(tmp_path), euid=0, debounce=0.0, retries=0)
+    ledger = FakeLedger()
+    async with running(_dispatcher(hooks, ledger, max_parallel=8)):
+        for i in range(12):
+            ledger.append(_disk(i))
+            if i % 3 == 0:  # sometimes wait, sometimes store while the lane is busy
+                await until(lambda: all(ledger.delivered(n) == ledger.revision for n in NAMES))
+        await until(lambda: all(ledger.delivered(n) == ledger.revision for n in NAMES))
+    runs = _runs(recorders)
+    names = [name for _, _, name in runs]
+    assert len(names) >= 3 * 5
+    assert names == NAMES * (len(names) // 3)
+    _assert_sequential(runs)
+    for rec in recorders.values():  # every hook got every disk, coalesced or not
+        luns = {c["key"] for r in rec.runs() for c in r["frame"]["changes"]}
+        assert luns == {f"lun:{i}" for i in range(12)}
+
+
+async def test_a_failing_directory_hook_does_not_stop_the_next_and_is_retried_alone(
+    tmp_path: Path,
+) -> None:
+    recorders = _lane(tmp_path, **{"20-format": 1})
+    hooks = scan_directory(str(tmp_path), euid=0, debounce=0.0, retries=2)
+    ledger = FakeLedger()
+    with capture_logs() as logs:
+        async with running(_dispatcher(hooks, ledger)):
+            ledger.append(_disk(0))
+            await until(lambda: all(ledger.delivered(n) == 1 for n in NAMES))
+    runs = _runs(recorders)
+    assert [name for _, _, name in runs] == ["10-mount", "20-format", "30-use", "20-format"]
+    _assert_sequential(runs)
+    failed = [e["hook"] for e in logs if e["event"] == "hook failed"]
+    assert failed == ["20-format"]
+
+
+async def test_lanes_of_different_kinds_and_config_hooks_run_independently(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "disks.d").mkdir()
+    (tmp_path / "tags.d").mkdir()
+    slow = Recorder(tmp_path / "disks.d", "10-slow", sleep=0.5)
+    quick = Recorder(tmp_path / "tags.d", "10-quick")
+    hooks = scan_directory(str(tmp_path), euid=0, debounce=0.0)
+    ledger = FakeLedger()
+    async with running(_dispatcher(hooks, ledger)):
+        ledger.append(_disk(0), tag("added", "a", new="1"))
+        await until(lambda: ledger.delivered("10-quick") == 1)
+        assert slow.ends() == []  # the tags lane did not wait for the disks lane
+        await until(lambda: ledger.delivered("10-slow") == 1)
+    assert len(quick.runs()) == len(slow.runs()) == 1
+
+
+async def test_a_lane_follows_reloads(tmp_path: Path) -> None:
+    recorders = _lane(tmp_path)
+    ledger = FakeLedger()
+    dispatcher = _dispatcher(scan_directory(str(tmp_path), euid=0, debounce=0.0), ledger)
+    async with running(dispatcher):
+        ledger.append(_disk(0))
+        await until(lambda: all(ledger.delivered(n) == 1 for n in NAMES))
+        (tmp_path / "disks.d" / "20-format").unlink()
+        dispatcher.replace_hooks(scan_directory(str(tmp_path), euid=0, debounce=0.0))
+        assert [h.name for h in dispatcher.hooks] == ["10-mount", "30-use"]
+        ledger.append(_disk(1))
+        await until(lambda: all(ledger.delivered(n) == 2 for n in ("10-mount", "30-use")))
+    runs = _runs(recorders)
+    assert [n for _, _, n in runs] == [*NAMES, "10-mount", "30-use"]
+    _assert_sequential(runs)
