@@ -141,9 +141,16 @@ class Response:
 class _Wire:
     """An h11 connection bound to a trio stream: send, receive events, close."""
 
-    def __init__(self, stream: trio.abc.Stream, role: Any, max_head: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        role: Any,
+        max_head: int,
+        write_timeout: float | None = None,
+    ) -> None:
         self.stream = stream
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head)
+        self.write_timeout = write_timeout
 
     async def send(self, event: h11.Event) -> None:
         """Send one event; on any failure h11 learns the connection is unusable."""
@@ -156,9 +163,32 @@ class _Wire:
             await self.send_bytes(data)
 
     async def send_bytes(self, data: bytes) -> None:
-        """Write raw bytes produced by h11."""
+        """Write raw bytes produced by h11, within ``write_timeout`` when one is set.
+
+        On a socket the bytes are first written without waiting, and a deadline is armed
+        only for what the socket does not take at once: a peer that reads costs no timer, a
+        peer that stops reading gets Deadline.
+        """
+        stream = self.stream
         try:
-            await self.stream.send_all(data)
+            if self.write_timeout is None:
+                await stream.send_all(data)
+                return
+            if isinstance(stream, trio.SocketStream):
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    sent = os.write(stream.socket.fileno(), data)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                data = data[sent:]
+            with trio.fail_after(self.write_timeout):
+                await stream.send_all(data)
+        except trio.TooSlowError as exc:
+            self.conn.send_failed()
+            raise Deadline(f"peer read nothing for {self.write_timeout:g}s") from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.conn.send_failed()
             raise PeerClosed(str(exc) or type(exc).__name__) from exc
@@ -389,9 +419,20 @@ Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
 class ServerLimits:
-    """Limits that protect a server from one misbehaving client."""
+    """Limits that protect a server from one misbehaving client.
 
-    __slots__ = ("drain_timeout", "idle_timeout", "max_body", "max_head", "request_timeout")
+    ``write_timeout`` bounds every write of a response: a peer that does not take the bytes
+    in that time (it stopped reading) is closed.
+    """
+
+    __slots__ = (
+        "drain_timeout",
+        "idle_timeout",
+        "max_body",
+        "max_head",
+        "request_timeout",
+        "write_timeout",
+    )
 
     def __init__(
         self,
@@ -401,12 +442,14 @@ class ServerLimits:
         idle_timeout: float = 75.0,
         request_timeout: float = 10.0,
         drain_timeout: float = 2.0,
+        write_timeout: float = 10.0,
     ) -> None:
         self.max_head = max_head
         self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.drain_timeout = drain_timeout
+        self.write_timeout = write_timeout
 
 
 def json_error(message: str) -> bytes:
@@ -424,6 +467,24 @@ async def _send_error(wire: _Wire, responder: Responder, status: int, message: s
     responder.close_after = True
     with contextlib.suppress(HttpIOError):
         await responder.send(status, [(b"content-type", b"application/json")], json_error(message))
+
+
+REJECT_LINGER = 0.25  # seconds a rejected connection may take to be answered and closed
+
+
+async def _reject(wire: _Wire, responder: Responder, status: int, limits: ServerLimits) -> None:
+    """Answer ``status`` without reading a request, and close within ``REJECT_LINGER``.
+
+    The answer is written, then our side shut down; what the peer sends meanwhile is read
+    (so its request does not turn the close into a reset that could destroy the answer).
+    """
+    linger = min(REJECT_LINGER, limits.drain_timeout)
+    try:
+        with trio.move_on_after(linger):
+            await _send_error(wire, responder, status, "too many connections")
+    finally:
+        with trio.CancelScope(shield=True):
+            await wire.close(linger)
 
 
 class _Waiting:
@@ -524,11 +585,14 @@ async def serve_connection(
     """Serve HTTP/1.1 on one stream until the peer leaves; never raises (but Cancelled).
 
     ``idle`` closes the connection when it waits too long for a request (its :meth:`run
-    <IdleConnections.run>` must be running). With ``reject_status`` every request is answered
-    with that status and the connection is closed (used for connections beyond
+    <IdleConnections.run>` must be running). With ``reject_status`` the connection is answered
+    with that status at once, without waiting for a request, and closed (connections beyond
     ``max_connections``). ``peer`` is attached to every request as ``request.peer``.
     """
-    wire = _Wire(stream, h11.SERVER, limits.max_head)
+    wire = _Wire(stream, h11.SERVER, limits.max_head, limits.write_timeout)
+    if reject_status is not None:
+        await _reject(wire, Responder(wire, server_header), reject_status, limits)
+        return
     with idle.tracking() as waiting, waiting.scope:
         try:
             while True:
@@ -536,9 +600,6 @@ async def serve_connection(
                 try:
                     request = await _read_request(wire, limits, peer, waiting)
                     if request is None:
-                        break
-                    if reject_status is not None:
-                        await _send_error(wire, responder, reject_status, "too many connections")
                         break
                     await handler(request, responder)
                 except PeerClosed:
@@ -566,9 +627,10 @@ async def serve_connection(
 class HttpServer:
     """Accepts connections on listeners and serves each with :func:`serve_connection`.
 
-    Beyond ``max_connections`` open connections, new ones get ``503`` and are closed.
-    ``active`` counts the connections currently open. ``peer_info`` is called once per
-    accepted stream; its result reaches the handler as ``request.peer``.
+    Beyond ``max_connections`` open connections, a new one is answered ``503`` at once and
+    closed (within :data:`REJECT_LINGER`). ``active`` counts the connections being served
+    (never more than ``max_connections``), ``rejected`` those turned away. ``peer_info`` is
+    called once per accepted stream; its result reaches the handler as ``request.peer``.
     """
 
     def __init__(
@@ -592,11 +654,19 @@ class HttpServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted stream (idle connections are closed only while :meth:`serve` runs)."""
-        self.active += 1
         self.accepted += 1
-        reject = 503 if self.active > self.max_connections else None
-        if reject:
+        if self.active >= self.max_connections:
             self.rejected += 1
+            await serve_connection(
+                stream,
+                self.handler,
+                self.limits,
+                self.idle,
+                server_header=self.server_header,
+                reject_status=503,
+            )
+            return
+        self.active += 1
         try:
             await serve_connection(
                 stream,
@@ -604,7 +674,6 @@ class HttpServer:
                 self.limits,
                 self.idle,
                 server_header=self.server_header,
-                reject_status=reject,
                 peer=self.peer_info(stream) if self.peer_info else None,
             )
         finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from imdsd.httpio import (
     MAX_INFORMATIONAL,
@@ -28,6 +29,7 @@ from imdsd.httpio import (
     ProtocolViolation,
     Request,
     Responder,
+    Response,
     ServerLimits,
     open_tcp,
     open_unix,
@@ -41,6 +43,9 @@ async def echo(request: Request, responder: Responder) -> None:
         raise RuntimeError("handler bug")
     if request.path == "/slow":
         await trio.sleep(0.5)
+    if request.path == "/big":
+        await responder.send(200, [(b"content-type", b"text/plain")], b"x" * 65536)
+        return
     if request.path == "/stream":
         await responder.start(200, [(b"content-type", b"application/x-ndjson")])
         for i in range(3):
@@ -252,6 +257,89 @@ async def test_connections_beyond_limit_get_503(tmp_path: Path) -> None:
             assert (await extra.request("GET", "/", [("host", "t")])).status == 503
         assert server.rejected == 1
         assert (await first.request("GET", "/", [("host", "t")])).status == 200
+
+
+async def test_silent_connections_beyond_the_limit_get_503_and_close_at_once(
+    tmp_path: Path,
+) -> None:
+    peak = 0
+
+    async def sample(server: HttpServer) -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, server.active)
+            await trio.lowlevel.checkpoint()
+
+    async def silent_client(path: str, answers: list[bytes]) -> None:
+        stream = await trio.open_unix_socket(path)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+        answers.append(received)
+        await stream.aclose()
+
+    limits = ServerLimits(idle_timeout=3600, request_timeout=3600)
+    async with running(tmp_path, limits, max_connections=2) as (path, server):
+        held = [ClientConnection(await open_unix(path, 1)) for _ in range(2)]
+        for client in held:
+            assert (await client.request("GET", "/", [("host", "t")])).status == 200
+        answers: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample, server)
+            with trio.fail_after(20):
+                async with trio.open_nursery() as clients:
+                    for _ in range(200):
+                        clients.start_soon(silent_client, path, answers)
+            nursery.cancel_scope.cancel()
+        assert len(answers) == 200
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert b"\r\nconnection: close\r\n" in answer
+            assert answer.endswith(b'{"error":"too many connections"}')
+        assert peak <= 2
+        assert (server.active, server.rejected) == (2, 200)
+        for client in held:
+            assert (await client.request("GET", "/", [("host", "t")])).status == 200
+            await client.aclose()
+
+
+async def test_clients_that_never_read_are_closed_and_free_their_slots(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    limits = ServerLimits(idle_timeout=3600, request_timeout=3600, write_timeout=5)
+    pipelined = b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n" * 2000
+
+    async def never_reads(path: str, closed: trio.Event) -> None:
+        stream = await trio.open_unix_socket(path)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(pipelined)
+        await closed.wait()
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(1 << 20):  # the answers that fit, then the close
+                pass
+        await stream.aclose()
+
+    async with running(tmp_path, limits, max_connections=2) as (path, server):
+        closed = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(never_reads, path, closed)
+            while server.active < 2:
+                await trio.sleep(0.01)
+            assert (await get_once(path)).status == 503
+            start = trio.current_time()
+            with trio.fail_after(60):
+                while server.active:
+                    await trio.sleep(0.1)
+            assert 5 <= trio.current_time() - start <= 10
+            closed.set()
+        assert (await get_once(path)).status == 200
+
+
+async def get_once(path: str) -> Response:
+    """One GET / on a fresh connection."""
+    async with connected(path) as client:
+        return await client.request("GET", "/", [("host", "t")], timeout=5)
 
 
 async def test_streamed_lines(tmp_path: Path) -> None:
