@@ -213,6 +213,7 @@ def test_control_state() -> None:
         "scheduled_events",
         "loadbalancer",
         "faults",
+        "identities",
         "profile",
         "rules",
         "scenario",

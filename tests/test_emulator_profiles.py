@@ -257,7 +257,9 @@ def test_default_nonce_is_the_utc_time() -> None:
 
 
 def test_identity_token_is_an_unsigned_jwt() -> None:
-    answer = identity_token("https://management.azure.com/", vm_id="vm", now_wall=NOW)
+    answer = identity_token(
+        "https://management.azure.com/", client_id="c", object_id="o", now_wall=NOW
+    )
     assert answer["token_type"] == "Bearer"
     assert answer["resource"] == "https://management.azure.com/"
     assert answer["expires_on"] == str(int(NOW) + 86399)
@@ -270,3 +272,4 @@ def test_identity_token_is_an_unsigned_jwt() -> None:
 
     assert b64(header) == {"typ": "JWT", "alg": "none"}
     assert b64(claims)["aud"] == "https://management.azure.com/"
+    assert (b64(claims)["appid"], b64(claims)["oid"], answer["client_id"]) == ("c", "o", "c")

@@ -236,6 +236,11 @@ def test_configure_rate_limit_number() -> None:
         "api_version": True,
         "rate_limit_per_second": 1.0,
         "identity_rate_limit_per_second": 2.0,
+        "identity_concurrency": 5,
+        "identity_latency": 0.0,
+        "identity_in_flight": 0,
+        "identity_peak_in_flight": 0,
+        "identity_refused_concurrent": 0,
     }
     accepted(r.check("GET", INSTANCE, MD, 0.0))
     rejected(r.check("GET", INSTANCE, MD, 0.0))

@@ -35,11 +35,24 @@ def assert_valid(state: VMState) -> None:
     decode_scheduled_events(msgspec.json.encode(state.scheduled_events()))
 
 
-def test_default_instance_is_the_golden_linux_document_plus_tags_list() -> None:
+# Fields the IMDS documentation lists that the golden sample lacks: IMDS always sends them
+# ("missing or inapplicable values are always included but will be set to an empty string").
+ALWAYS_PRESENT = {
+    "customData": "",
+    "userData": "",
+    "host": {"id": ""},
+    "physicalZone": "",
+    "provider": "Microsoft.Compute",
+}
+
+
+def test_default_instance_is_the_golden_linux_document_plus_always_present_fields() -> None:
     golden = json.loads((DATA / "instance-linux.json").read_text())
     doc = AZURE.default_instance()
     tags_list = doc["compute"].pop("tagsList")
+    extra = {key: doc["compute"].pop(key) for key in ALWAYS_PRESENT}
     assert doc == golden
+    assert extra == ALWAYS_PRESENT
     assert tags_list == [{"name": "baz", "value": "bash"}, {"name": "foo", "value": "bar"}]
 
 
@@ -460,6 +473,6 @@ def test_loadbalancer_can_be_removed_and_set() -> None:
 def test_snapshot_is_a_copy() -> None:
     state = vm()
     snap = state.snapshot()
-    assert set(snap) == {"instance", "scheduled_events", "loadbalancer", "faults"}
+    assert set(snap) == {"instance", "scheduled_events", "loadbalancer", "faults", "identities"}
     snap["instance"]["compute"]["vmSize"] = "changed"
     assert compute(state)["vmSize"] == "Standard_A3"

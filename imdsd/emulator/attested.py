@@ -91,7 +91,9 @@ def _b64url(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def identity_token(resource: str, *, vm_id: str, now_wall: float) -> dict[str, str]:
+def identity_token(
+    resource: str, *, client_id: str, object_id: str, now_wall: float
+) -> dict[str, str]:
     """A managed identity token answer with a fake, unsigned (``alg: none``) JWT."""
     now = int(now_wall)
     expires = now + TOKEN_LIFETIME
@@ -101,13 +103,14 @@ def identity_token(resource: str, *, vm_id: str, now_wall: float) -> dict[str, s
         "iat": now,
         "nbf": now,
         "exp": expires,
-        "oid": vm_id,
-        "sub": vm_id,
+        "appid": client_id,
+        "oid": object_id,
+        "sub": object_id,
     }
     token = f"{_b64url({'typ': 'JWT', 'alg': 'none'})}.{_b64url(claims)}."
     return {
         "access_token": token,
-        "client_id": vm_id,
+        "client_id": client_id,
         "expires_in": str(TOKEN_LIFETIME),
         "expires_on": str(expires),
         "ext_expires_in": str(TOKEN_LIFETIME),

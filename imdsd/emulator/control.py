@@ -19,6 +19,7 @@ path), 405 (wrong method, with ``Allow``) or 409 (conflict).
 | ``GET /_emulator/stats`` | counts by path and status, peak requests per second |
 | ``DELETE /_emulator/stats``, ``POST /_emulator/reset-stats`` | zero the statistics |
 | ``GET``/``POST /_emulator/rules`` | show / switch rules (see :meth:`.RequestRules.configure`) |
+| ``GET``/``PUT /_emulator/identities`` | the VM's managed identities (see :mod:`.identity`) |
 | ``POST /_emulator/actions`` | run a scenario action: ``{"action": "set_tag", "name": ..., ...}`` |
 """  # noqa: E501
 
@@ -31,6 +32,7 @@ import msgspec
 
 from imdsd.emulator.endpoints import Answer, error_answer, json_answer
 from imdsd.emulator.faults import FaultError, parse_fault
+from imdsd.emulator.identity import IdentityConfigError
 from imdsd.emulator.rules import RequestRules, RuleError
 from imdsd.emulator.scenario import ParamError, apply_action, check_params
 from imdsd.emulator.state import StateError, VMState
@@ -97,7 +99,7 @@ class Control:
             return self._route(method, parts, body, now_wall)
         except _BadRequest as exc:
             return error_answer(exc.status, str(exc))
-        except (StateError, RuleError, FaultError, ParamError) as exc:
+        except (StateError, RuleError, FaultError, ParamError, IdentityConfigError) as exc:
             return error_answer(getattr(exc, "status", 400), str(exc))
 
     def _route(self, method: str, parts: list[str], body: bytes, now_wall: float) -> Answer:
@@ -153,6 +155,11 @@ class Control:
                 if method == "POST":
                     self.rules.configure(_json_body(body))
                 return json_answer(200, self.rules.describe())
+            case ["identities"]:
+                self._allow(method, "GET", "PUT")
+                if method == "PUT":
+                    self.state.identities.replace(_json_body(body))
+                return json_answer(200, self.state.identities.as_dict())
             case ["actions"]:
                 self._allow(method, "POST")
                 return self._action(_json_body(body), now_wall)

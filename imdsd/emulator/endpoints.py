@@ -11,8 +11,9 @@ the :class:`~imdsd.emulator.state.VMState`, shaped for the profile and api-versi
   or unknown EventId);
 - ``/metadata/loadbalancer``: the document, 404 when the VM has no Standard LB;
 - ``/metadata/attested/document[?nonce=...]``: see :mod:`imdsd.emulator.attested`;
-- ``/metadata/identity/oauth2/token?resource=...``: a fake token; no ``resource`` gives the
-  OAuth-style 400 ``{"error": "invalid_request", "error_description": ...}``.
+- ``/metadata/identity/oauth2/token?resource=...``: a fake token for the identity the query
+  selects (:mod:`imdsd.emulator.identity`); no ``resource``, or an identity the VM does not
+  have, gives the OAuth-style 400 ``{"error": "invalid_request", "error_description": ...}``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from imdsd.emulator.attested import (
     default_nonce,
     identity_token,
 )
+from imdsd.emulator.identity import NOT_FOUND
 from imdsd.emulator.profiles import ATTESTED_FIELD_VERSIONS, Endpoint
 from imdsd.emulator.rules import ImdsRequest, Rejection, RequestRules
 from imdsd.emulator.state import StateError, VMState
@@ -112,9 +114,18 @@ def answer_imds(
                         "error_description": "Required query variable 'resource' is missing",
                     },
                 )
-            compute = state.instance.get("compute")
-            vm_id = str(compute.get("vmId", "")) if isinstance(compute, dict) else ""
-            return json_answer(200, identity_token(resource, vm_id=vm_id, now_wall=now_wall))
+            identity = state.identities.select(verdict.query)
+            if identity is None:
+                return json_answer(400, NOT_FOUND)
+            return json_answer(
+                200,
+                identity_token(
+                    resource,
+                    client_id=identity.client_id,
+                    object_id=identity.object_id,
+                    now_wall=now_wall,
+                ),
+            )
     raise AssertionError(f"unrouted endpoint {verdict.endpoint}")  # pragma: no cover
 
 

@@ -7,6 +7,8 @@ switchable:
 
 1. ``rate_limit``: more than N admitted requests in the last second -> 429 (N = 5 by default;
    ``/metadata/identity`` has its own window, 20/s). Refused requests do not use up the window.
+   The identity limit of 5 requests in flight is kept by :attr:`RequestRules.identity_gate`,
+   which the shell consults (:mod:`imdsd.emulator.identity`).
 2. ``metadata_header``: ``Metadata: true`` (case-insensitive value) required -> 400.
 3. ``forwarded_for``: any ``X-Forwarded-For`` header -> 400.
 4. ``duplicate_params``: a query parameter name given twice -> 400.
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from imdsd.emulator.identity import IdentityGate
 from imdsd.emulator.profiles import Endpoint, Profile
 from imdsd.emulator.stats import SlidingCount
 from imdsd.filtering import split_path
@@ -34,6 +37,9 @@ NO_API_VERSION = (
     "Bad request. api-version was not specified in the request. "
     "For more information refer to aka.ms/azureimds"
 )
+# Numeric settings besides the switches (identity_concurrency: an integer, 0 = unlimited;
+# identity_latency: seconds each admitted identity request is held, at most 60).
+_NUMBERS = ("identity_rate_limit", "identity_concurrency", "identity_latency")
 _ROUTES: dict[tuple[str, ...], Endpoint] = {
     ("metadata", "versions"): Endpoint.VERSIONS,
     ("metadata", "scheduledevents"): Endpoint.SCHEDULED_EVENTS,
@@ -106,19 +112,23 @@ class RequestRules:
         self.identity_rate_limit = identity_rate_limit
         self._window = SlidingCount(1.0)
         self._identity_window = SlidingCount(1.0)
+        self.identity_gate = IdentityGate()
 
     def describe(self) -> dict[str, Any]:
         """The current switches and limits, JSON-ready."""
         out: dict[str, Any] = {f.name: getattr(self.switches, f.name) for f in fields(RuleSwitches)}
         out["rate_limit_per_second"] = self.rate_limit
         out["identity_rate_limit_per_second"] = self.identity_rate_limit
+        out.update(self.identity_gate.as_dict())
         return out
 
     def configure(self, changes: Any) -> None:
         """Apply ``{"metadata_header": false, "rate_limit": 10, ...}`` (POST /_emulator/rules).
 
         Each switch takes a boolean; ``rate_limit`` also takes a number (requests per second,
-        0 disables) and ``identity_rate_limit`` a number. Validated in full before applying.
+        0 disables), ``identity_rate_limit`` a number, ``identity_concurrency`` an integer
+        (requests in flight on ``/metadata/identity``, 0 = unlimited) and ``identity_latency``
+        seconds (0-60). Validated in full before applying.
         """
         if not isinstance(changes, dict):
             raise RuleError("rules must be an object of switches")
@@ -128,19 +138,25 @@ class RequestRules:
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if key == "identity_rate_limit" and number and value >= 0:
                 updates.append(("identity_rate_limit", float(value)))
+            elif key == "identity_concurrency" and number and isinstance(value, int) and value >= 0:
+                updates.append(("gate:limit", value))
+            elif key == "identity_latency" and number and 0 <= value <= 60:
+                updates.append(("gate:latency", float(value)))
             elif key == "rate_limit" and number and value >= 0:
                 updates.append(("rate_limit", float(value)))
                 updates.append(("switch:rate_limit", value > 0))
             elif key in names and isinstance(value, bool):
                 updates.append((f"switch:{key}", value))
-            elif key in names or key == "identity_rate_limit":
+            elif key in names or key in _NUMBERS:
                 raise RuleError(f"rule {key!r} takes a boolean or a number >= 0, got {value!r}")
             else:
-                known = ", ".join([*sorted(names), "identity_rate_limit"])
+                known = ", ".join([*sorted(names), *_NUMBERS])
                 raise RuleError(f"unknown rule {key!r}; known rules: {known}")
         for key, value in updates:
             if key.startswith("switch:"):
                 setattr(self.switches, key.removeprefix("switch:"), value)
+            elif key.startswith("gate:"):
+                setattr(self.identity_gate, key.removeprefix("gate:"), value)
             else:
                 setattr(self, key, value)
 

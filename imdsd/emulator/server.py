@@ -27,8 +27,9 @@ import trio
 
 from imdsd import __version__
 from imdsd.emulator.control import Control, is_control_path
-from imdsd.emulator.endpoints import Answer, answer_imds, error_answer
+from imdsd.emulator.endpoints import Answer, answer_imds, error_answer, json_answer
 from imdsd.emulator.faults import Fault, FaultError
+from imdsd.emulator.identity import TOO_MANY
 from imdsd.emulator.profiles import Profile, get_profile
 from imdsd.emulator.rules import RequestRules
 from imdsd.emulator.scenario import Scenario, ScenarioError, apply_action, dry_run
@@ -107,7 +108,7 @@ class Emulator:
         sockname = listeners[0].socket.getsockname()
         self._t0 = trio.current_time()
         http = HttpServer(
-            self._handle,
+            self._gated,
             LIMITS,
             max_connections=1 << 20,  # IMDS caps requests per second, not connections
             server_header=SERVER_HEADER,
@@ -118,6 +119,22 @@ class Emulator:
             if self.scenario is not None:
                 nursery.start_soon(self._run_scenario, self.scenario)
             task_status.started((str(sockname[0]), int(sockname[1])))
+
+    async def _gated(self, request: Request, responder: Responder) -> None:
+        """Managed identity: at most ``identity_gate.limit`` in flight (IMDS's 5), else 429."""
+        gate = self.rules.identity_gate
+        if not gate.covers(request.path):
+            return await self._handle(request, responder)
+        if not gate.enter():
+            self.state.stats.arrived(request.path, trio.current_time())
+            self.state.stats.answered(request.path, 429)
+            refusal = json_answer(429, TOO_MANY)
+            return await responder.send(429, refusal.header_list(), refusal.body)
+        try:
+            await trio.sleep(gate.latency)
+            await self._handle(request, responder)
+        finally:
+            gate.leave()
 
     async def _handle(self, request: Request, responder: Responder) -> None:
         stream = request.peer  # the connection's stream (peer_info above)

@@ -24,6 +24,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
 from imdsd.emulator.faults import FaultQueue
+from imdsd.emulator.identity import Identities
 from imdsd.emulator.stats import Stats
 
 EVENT_TYPES = ("Reboot", "Redeploy", "Freeze", "Preempt", "Terminate")
@@ -105,6 +106,10 @@ class VMState:
         self.incarnation = incarnation
         self.faults = FaultQueue()
         self.stats = Stats()
+        compute = self.instance.get("compute")
+        self.identities = Identities.default(
+            str(compute.get("vmId", "")) if isinstance(compute, dict) else ""
+        )
 
     # ------------------------------------------------------------------ documents
 
@@ -444,6 +449,7 @@ class VMState:
             "scheduled_events": self.scheduled_events(),
             "loadbalancer": copy.deepcopy(self.loadbalancer),
             "faults": self.faults.pending(),
+            "identities": self.identities.as_dict(),
         }
 
 
