@@ -39,12 +39,14 @@ from typing import Any
 
 import msgspec
 
+from imdsd.depth import MAX_DEPTH
 from imdsd.frames import KINDS, Change, Kind
 from imdsd.model import Snapshot
 
 __all__ = ["carry", "diff", "mac_key", "parse_tags"]
 
 _FREE_FORM = frozenset({"encryptionSettings"})
+_TAGS = frozenset({"tags", "tagsList"})
 _NOT_COMPUTE = frozenset({"tags", "tagsList", "storageProfile"})
 _KIND_ORDER = {kind: i for i, kind in enumerate(KINDS)}
 _NON_HEX = re.compile(r"[^0-9A-Fa-f]")
@@ -57,7 +59,7 @@ Raw = dict[str, Any]
 def diff(old: Snapshot, new: Snapshot) -> list[Change]:
     """Every change from ``old`` to ``new``, in a deterministic order (see module doc)."""
     changes: list[Change] = []
-    old_instance, new_instance = _instance_raw(old), _instance_raw(new)
+    old_instance, new_instance = _known_instance(old), _instance_raw(new)
     if old_instance is not None and new_instance is not None:
         old_compute = _obj(old_instance.get("compute"))
         new_compute = _obj(new_instance.get("compute"))
@@ -76,11 +78,22 @@ def diff(old: Snapshot, new: Snapshot) -> list[Change]:
 def carry(previous: Snapshot, new: Snapshot) -> Snapshot:
     """``new`` with a memory of the last known value of every section it lacks.
 
-    ``diff(previous_carried, new_carried)`` then reports a change made while a section was
-    missing exactly once, when the section comes back. ``previous`` is not changed.
+    ``instance_known`` (``loadbalancer_known``) becomes ``new``'s raw document with every
+    object member it lacks, at any depth, filled in from ``previous``'s memory (or raw
+    document); ``tags`` and ``tagsList`` are one section, remembered as the newest document
+    that had either. None when nothing is missing. ``diff(carry(a, b), carry(b, c))`` thus
+    compares a section that comes back with the last document that had it, so a change made
+    while it was missing is reported once. A load balancer 404 forgets (it is explicit).
     """
-    del previous
-    return new
+    instance_known = _remember(_known_instance(previous), new.instance_raw)
+    loadbalancer_known = None
+    if not new.loadbalancer_absent:
+        loadbalancer_known = _remember(_known_loadbalancer(previous), new.loadbalancer_raw)
+    if (instance_known, loadbalancer_known) == (new.instance_known, new.loadbalancer_known):
+        return new
+    return msgspec.structs.replace(
+        new, instance_known=instance_known, loadbalancer_known=loadbalancer_known
+    )
 
 
 def parse_tags(tags: str) -> dict[str, str]:
@@ -117,6 +130,60 @@ def _instance_raw(snapshot: Snapshot) -> Raw | None:
     return raw
 
 
+def _known_instance(snapshot: Snapshot) -> Raw | None:
+    """The instance document with the memory of its absent sections (old side of a diff)."""
+    if snapshot.instance is not None and snapshot.instance_known is not None:
+        return snapshot.instance_known
+    return _instance_raw(snapshot)
+
+
+def _loadbalancer_raw(snapshot: Snapshot) -> Raw | None:
+    if snapshot.loadbalancer is None:
+        return None
+    if snapshot.loadbalancer_raw is not None:
+        return snapshot.loadbalancer_raw
+    raw: Raw = msgspec.to_builtins(snapshot.loadbalancer)
+    return raw
+
+
+def _known_loadbalancer(snapshot: Snapshot) -> Raw | None:
+    if snapshot.loadbalancer is not None and snapshot.loadbalancer_known is not None:
+        return snapshot.loadbalancer_known
+    return _loadbalancer_raw(snapshot)
+
+
+def _remember(known: Raw | None, raw: Raw | None) -> Raw | None:
+    """``raw`` with the members it lacks taken from ``known``; None when it lacks none."""
+    if known is None or raw is None:
+        return None
+    merged, filled = _fill(known, raw, 1)
+    return merged if filled else None
+
+
+def _fill(known: Raw, raw: Raw, depth: int) -> tuple[Raw, bool]:
+    out = dict(raw)
+    filled = False
+    has_tags = not _TAGS.isdisjoint(raw)
+    for key, value in known.items():
+        if key not in raw:
+            if not (has_tags and key in _TAGS):
+                out[key] = value
+                filled = True
+            continue
+        inner = raw[key]
+        if (
+            isinstance(value, dict)
+            and isinstance(inner, dict)
+            and key not in _FREE_FORM
+            and depth < MAX_DEPTH
+        ):
+            merged, deeper = _fill(value, inner, depth + 1)
+            if deeper:
+                out[key] = merged
+                filled = True
+    return out, filled
+
+
 def _obj(value: Any) -> Raw:
     return value if isinstance(value, dict) else {}
 
@@ -131,11 +198,13 @@ def _items(container: Mapping[str, Any], key: str) -> list[Raw] | None:
     return [item for item in value if isinstance(item, dict)]
 
 
-def _canonical(value: Any) -> Any:
+def _canonical(value: Any, depth: int = 0) -> Any:
+    if depth >= MAX_DEPTH:  # deeper than any document the decoder lets through: as is
+        return value
     if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
+        return {k: _canonical(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return sorted((_canonical(v) for v in value), key=_encoder.encode)
+        return sorted((_canonical(v, depth + 1) for v in value), key=_encoder.encode)
     return value
 
 
@@ -149,11 +218,11 @@ def _same(a: Any, b: Any) -> bool:
     return _fingerprint(a) == _fingerprint(b)
 
 
-def _leaf_paths(value: Any, path: str) -> list[str]:
-    if isinstance(value, dict) and value:
+def _leaf_paths(value: Any, path: str, depth: int = 0) -> list[str]:
+    if isinstance(value, dict) and value and depth < MAX_DEPTH:
         out: list[str] = []
         for k, v in value.items():
-            out += _leaf_paths(v, f"{path}.{k}")
+            out += _leaf_paths(v, f"{path}.{k}", depth + 1)
         return out
     return [path]
 
@@ -164,19 +233,27 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -
 
 
 def _changed_leaves(
-    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str, *, free_form: bool
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    prefix: str,
+    *,
+    free_form: bool,
+    depth: int = 0,
 ) -> list[tuple[str, Any, Any]]:
+    """Changed leaves; below ``MAX_DEPTH`` levels a subtree counts as one leaf."""
     out: list[tuple[str, Any, Any]] = []
     for key in sorted(old.keys() | new.keys()):
         path = prefix + key
         if key not in old or key not in new:
             if free_form:
                 present = old[key] if key in old else new[key]
-                out += [(leaf, None, None) for leaf in _leaf_paths(present, path)]
+                out += [(leaf, None, None) for leaf in _leaf_paths(present, path, depth)]
             continue
         a, b = old[key], new[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_leaves(a, b, path + ".", free_form=free_form or key in _FREE_FORM)
+        if isinstance(a, dict) and isinstance(b, dict) and depth < MAX_DEPTH:
+            out += _changed_leaves(
+                a, b, path + ".", free_form=free_form or key in _FREE_FORM, depth=depth + 1
+            )
         elif not _same(a, b):
             out.append((path, a, b))
     return out
@@ -226,14 +303,24 @@ def _tags_of(compute: Raw, use_list: bool) -> dict[str, str]:
     return parse_tags(_str(compute, "tags"))
 
 
+def _tag_views(old: Raw, new: Raw) -> tuple[bool, bool] | None:
+    """Read each side from ``tagsList`` (True) or ``tags`` (False); None: a side has neither.
+
+    The same view on both sides when they share one (``tagsList`` first), else each its own.
+    """
+    for field in ("tagsList", "tags"):
+        if field in old and field in new:
+            return field == "tagsList", field == "tagsList"
+    if not (_TAGS & old.keys() and _TAGS & new.keys()):
+        return None
+    return "tagsList" in old, "tagsList" in new
+
+
 def _tag_changes(old: Raw, new: Raw) -> list[Change]:
-    if "tagsList" in old and "tagsList" in new:
-        use_list = True
-    elif "tags" in old and "tags" in new:
-        use_list = False
-    else:
+    views = _tag_views(old, new)
+    if views is None:
         return []
-    a, b = _tags_of(old, use_list), _tags_of(new, use_list)
+    a, b = _tags_of(old, views[0]), _tags_of(new, views[1])
     out = [Change("tags", "removed", k, a[k], None) for k in a.keys() - b.keys()]
     out += [Change("tags", "added", k, None, b[k]) for k in b.keys() - a.keys()]
     out += [
@@ -321,8 +408,9 @@ def _compute_changes(old: Raw, new: Raw) -> list[Change]:
 
 def _vm_name(old: Snapshot, new: Snapshot) -> str:
     for snapshot in (new, old):
-        if snapshot.instance is not None and snapshot.instance.compute.name:
-            return snapshot.instance.compute.name
+        name = _obj(_obj(_known_instance(snapshot)).get("compute")).get("name")
+        if isinstance(name, str) and name:
+            return name
     return ""
 
 
@@ -373,27 +461,33 @@ def _frontend_key(entry: Raw) -> str:
     return f"frontend:{_str(entry, 'frontendIpAddress')}"
 
 
-def _lb_entries(snapshot: Snapshot) -> dict[str, Raw] | None:
+_LB_LISTS: tuple[tuple[str, Callable[[Raw], str]], ...] = (
+    ("publicIpAddresses", _frontend_key),
+    ("inboundRules", _inbound_key),
+    ("outboundRules", _outbound_key),
+)
+
+
+def _lb_lists(snapshot: Snapshot, raw: Raw | None) -> Raw | None:
+    """The ``loadbalancer`` object; ``{}`` lists for a 404, None when unknown."""
     if snapshot.loadbalancer_absent:
-        return {}
-    if snapshot.loadbalancer is None:
-        return None
-    raw = snapshot.loadbalancer_raw
-    if raw is None:
-        raw = msgspec.to_builtins(snapshot.loadbalancer)
-    lb = _obj(_obj(raw).get("loadbalancer"))
-    out: dict[str, Raw] = {}
-    for field, key_of in (
-        ("publicIpAddresses", _frontend_key),
-        ("inboundRules", _inbound_key),
-        ("outboundRules", _outbound_key),
-    ):
-        out.update(_keyed(_items(lb, field) or [], key_of))
-    return out
+        return {field: [] for field, _ in _LB_LISTS}
+    return None if raw is None else _obj(raw.get("loadbalancer"))
 
 
 def _loadbalancer_changes(old: Snapshot, new: Snapshot) -> list[Change]:
-    a, b = _lb_entries(old), _lb_entries(new)
+    a = _lb_lists(old, _known_loadbalancer(old))
+    b = _lb_lists(new, _loadbalancer_raw(new))
     if a is None or b is None:
         return []
-    return _keyed_changes("loadbalancer", a, b, ("added", "removed"))
+    out: list[Change] = []
+    for field, key_of in _LB_LISTS:
+        old_items, new_items = _items(a, field), _items(b, field)
+        if old_items is not None and new_items is not None:
+            out += _keyed_changes(
+                "loadbalancer",
+                _keyed(old_items, key_of),
+                _keyed(new_items, key_of),
+                ("added", "removed"),
+            )
+    return out

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from imdsd.depth import MAX_DEPTH, too_deep
+
 __all__ = [
     "AdditionalCapabilities",
     "AttestedDocument",
@@ -354,10 +356,15 @@ class Network(_Camel, frozen=True):
 
 
 class Instance(_Camel, frozen=True):
-    """``/metadata/instance``: compute and network (storage lives in compute)."""
+    """``/metadata/instance``: compute and network (storage lives in compute).
 
-    compute: Compute
-    network: Network
+    Both sections are optional, as every field is in the official API description (its own
+    2021-11-15 example has no ``network``); an absent one decodes to its empty default here,
+    while the raw document keeps it absent, which the diff reads as unknown, not empty.
+    """
+
+    compute: Compute = msgspec.field(default_factory=Compute)
+    network: Network = msgspec.field(default_factory=Network)
 
 
 # ---------------------------------------------------------------------------- scheduled events
@@ -496,6 +503,12 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes, document: str) -> _T
         raise _invalid(document, exc) from None
     except msgspec.DecodeError as exc:
         raise DocumentError(document, str(exc)) from None
+    except RecursionError:
+        raise DocumentError(document, _nested(MAX_DEPTH, "$")) from None
+
+
+def _nested(limit: int, path: str) -> str:
+    return f"nested deeper than {limit} levels, more than IMDS ever sends - at `{path}`"
 
 
 def decode_instance(body: bytes) -> Instance:
@@ -556,7 +569,11 @@ def convert_loadbalancer(raw: Any) -> LoadBalancer:
 
 
 def _parse_object(body: bytes, document: str) -> dict[str, Any]:
-    return _decode(_object_decoder, body, document)
+    raw = _decode(_object_decoder, body, document)
+    path = too_deep(raw)
+    if path is not None:
+        raise DocumentError(document, _nested(MAX_DEPTH, path))
+    return raw
 
 
 def parse_instance(body: bytes) -> tuple[Instance, dict[str, Any]]:
@@ -595,8 +612,11 @@ class Snapshot(msgspec.Struct, frozen=True):
     ``*_raw`` is the document exactly as IMDS sent it, so reads can serve fields the model
     does not know. ``None`` means not fetched yet (or the endpoint is disabled).
     ``loadbalancer_absent`` means IMDS answered 404 (no Standard Load Balancer); the diff
-    treats it as an empty load balancer. Persist with ``msgspec.json.encode`` and restore
-    with ``msgspec.json.decode(data, type=Snapshot)``.
+    treats it as an empty load balancer. ``instance_known`` and ``loadbalancer_known`` are the
+    memory ``changes.carry`` keeps: the raw document with every section it lacks filled in
+    from the last document that had it (None: nothing is missing, the raw document is all
+    that is known). Persist with
+    ``msgspec.json.encode`` and restore with ``msgspec.json.decode(data, type=Snapshot)``.
     """
 
     instance: Instance | None = None
@@ -606,6 +626,8 @@ class Snapshot(msgspec.Struct, frozen=True):
     loadbalancer: LoadBalancer | None = None
     loadbalancer_raw: dict[str, Any] | None = None
     loadbalancer_absent: bool = False
+    instance_known: dict[str, Any] | None = None
+    loadbalancer_known: dict[str, Any] | None = None
 
     def with_instance(self, doc: bytes | Mapping[str, Any]) -> Snapshot:
         """Return a copy holding this instance document (JSON bytes or a parsed mapping).
@@ -613,7 +635,7 @@ class Snapshot(msgspec.Struct, frozen=True):
         Raises ``DocumentError`` when it does not validate; ``self`` is left unchanged.
         """
         typed, raw = parse_instance(_as_body(doc, "instance"))
-        return msgspec.structs.replace(self, instance=typed, instance_raw=raw)
+        return msgspec.structs.replace(self, instance=typed, instance_raw=raw, instance_known=None)
 
     def with_scheduled_events(self, doc: bytes | Mapping[str, Any]) -> Snapshot:
         """Return a copy holding this scheduled events document; raises ``DocumentError``."""
@@ -624,11 +646,19 @@ class Snapshot(msgspec.Struct, frozen=True):
         """Return a copy holding this load balancer document; raises ``DocumentError``."""
         typed, raw = parse_loadbalancer(_as_body(doc, "loadbalancer"))
         return msgspec.structs.replace(
-            self, loadbalancer=typed, loadbalancer_raw=raw, loadbalancer_absent=False
+            self,
+            loadbalancer=typed,
+            loadbalancer_raw=raw,
+            loadbalancer_absent=False,
+            loadbalancer_known=None,
         )
 
     def with_loadbalancer_absent(self) -> Snapshot:
         """Return a copy recording that IMDS said 404: the VM has no Standard Load Balancer."""
         return msgspec.structs.replace(
-            self, loadbalancer=None, loadbalancer_raw=None, loadbalancer_absent=True
+            self,
+            loadbalancer=None,
+            loadbalancer_raw=None,
+            loadbalancer_absent=True,
+            loadbalancer_known=None,
         )

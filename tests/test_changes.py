@@ -11,10 +11,11 @@ from operator import ne
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imdsd.changes import diff, mac_key, parse_tags
+from imdsd.changes import carry, diff, mac_key, parse_tags
 from imdsd.frames import KINDS, Change
 from imdsd.model import ScheduledEvents, Snapshot
 
@@ -754,3 +755,182 @@ def test_typed_only_snapshots_fall_back_to_the_typed_model() -> None:
 
 def events_doc_typed() -> ScheduledEvents:
     return ScheduledEvents(document_incarnation=1, events=[])
+
+
+# ---------------------------------------------------------------------------- carry
+
+
+def chain(*docs: Raw) -> list[list[Change]]:
+    """Apply ``docs`` in turn as the store does (carry, then diff); the changes of each step."""
+    previous = inst(docs[0])
+    steps: list[list[Change]] = []
+    for doc in docs[1:]:
+        current = carry(previous, inst(doc))
+        steps.append(diff(previous, current))
+        previous = current
+    return steps
+
+
+def _tagged(raw: Raw, **tags: str) -> Raw:
+    out = copy.deepcopy(raw)
+    out["compute"]["tagsList"] = [{"name": k, "value": v} for k, v in tags.items()]
+    out["compute"]["tags"] = ";".join(f"{k}:{v}" for k, v in tags.items())
+    return out
+
+
+BASE = _tagged(LINUX, env="prod", team="a")
+
+
+def _without(*path: str) -> Callable[[Raw], None]:
+    def edit(raw: Raw) -> None:
+        node = raw
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+
+    return edit
+
+
+def _without_tags(raw: Raw) -> None:
+    del raw["compute"]["tags"], raw["compute"]["tagsList"]
+
+
+def _retag(raw: Raw) -> None:
+    raw["compute"].update(_tagged(raw, env="dev")["compute"])
+
+
+def _detach(raw: Raw) -> None:
+    raw["compute"]["storageProfile"]["dataDisks"] = []
+
+
+def _resize_os(raw: Raw) -> None:
+    raw["compute"]["storageProfile"]["osDisk"]["diskSizeGB"] = "999"
+
+
+def _drop_temp(raw: Raw) -> None:
+    raw["compute"]["storageProfile"]["resourceDisk"]["size"] = "0"
+
+
+def _drop_nics(raw: Raw) -> None:
+    raw["network"]["interface"] = []
+
+
+def _resize_vm(raw: Raw) -> None:
+    raw["compute"]["vmSize"] = "Standard_X9"
+
+
+SECTION_CASES = [
+    (
+        _without_tags,
+        _retag,
+        {("tags", "modified", "env"), ("tags", "removed", "team")},
+    ),
+    (_without("compute", "storageProfile"), _detach, {("disks", "detached", "lun:0")}),
+    (_without("compute", "storageProfile", "dataDisks"), _detach, {("disks", "detached", "lun:0")}),
+    (_without("compute", "storageProfile", "osDisk"), _resize_os, {("disks", "modified", "os")}),
+    (
+        _without("compute", "storageProfile", "resourceDisk"),
+        _drop_temp,
+        {("disks", "detached", "resource")},
+    ),
+    (_without("network", "interface"), _drop_nics, {("network", "removed", "mac:0011AAFFBB22")}),
+    (_without("network"), _drop_nics, {("network", "removed", "mac:0011AAFFBB22")}),
+    (_without("compute"), _resize_vm, {("compute", "modified", "vmSize")}),
+    (_without("compute", "vmSize"), _resize_vm, {("compute", "modified", "vmSize")}),
+]
+
+
+def test_a_section_that_comes_back_is_compared_with_the_last_document_that_had_it() -> None:
+    for hide, change, expected in SECTION_CASES:
+        changed = edited(BASE, change)
+        missing = edited(changed, hide)
+        steps = chain(BASE, missing, missing, changed, changed)
+        assert [set(summary(step)) for step in steps] == [set(), set(), expected, set()], (
+            hide,
+            change,
+        )
+        # also when the section was missing in the very first document known
+        assert chain(edited(BASE, hide), BASE, changed) == [[], chain(BASE, changed)[0]]
+
+
+def test_a_change_undone_while_the_section_was_missing_is_no_change() -> None:
+    for hide, change, _ in SECTION_CASES:
+        steps = chain(BASE, edited(edited(BASE, change), hide), BASE)
+        assert steps == [[], []], (hide, change)
+
+
+def test_an_absent_section_is_unknown_an_empty_one_is_empty() -> None:
+    empty: Raw = {"compute": {}, "network": {}}
+    assert chain(BASE, empty, {}) == [[], []]
+    gone = {
+        "compute": {"tagsList": [], "storageProfile": {"dataDisks": []}},
+        "network": {"interface": []},
+    }
+    assert set(summary(chain(BASE, empty, gone)[1])) == {
+        ("tags", "removed", "env"),
+        ("tags", "removed", "team"),
+        ("disks", "detached", "lun:0"),
+        ("network", "removed", "mac:0011AAFFBB22"),
+    }
+
+
+def test_tags_read_across_views_when_no_document_has_both() -> None:
+    only_string = edited(BASE, _without("compute", "tagsList"))
+    only_list = edited(_tagged(LINUX, env="dev"), _without("compute", "tags"))
+    steps = chain(BASE, only_string, only_list)
+    assert [set(summary(s)) for s in steps] == [
+        set(),
+        {("tags", "modified", "env"), ("tags", "removed", "team")},
+    ]
+
+
+def test_carry_keeps_no_memory_when_nothing_is_missing() -> None:
+    first, second = inst(BASE), inst(edited(BASE, _retag))
+    assert carry(first, second) is second
+    carried = carry(first, inst(edited(BASE, _without("network"))))
+    assert carried.instance_known is not None
+    assert carried.instance_known["network"] == BASE["network"]
+    assert carried.instance_raw is not None
+    assert "network" not in carried.instance_raw
+
+
+def test_loadbalancer_lists_absent_are_unknown() -> None:
+    full = lb_doc(inbound=[inbound("50.0.0.1", 80)])
+    partial_lb: Raw = {"loadbalancer": {}}
+    emptied = lb_doc(inbound=[])
+    previous = with_lb(full)
+    middle = carry(previous, with_lb(partial_lb))
+    assert diff(previous, middle) == []
+    last = carry(middle, with_lb(emptied))
+    assert summary(diff(middle, last)) == [
+        ("loadbalancer", "removed", "rule:inbound:tcp:50.0.0.1:80")
+    ]
+    assert carry(last, Snapshot().with_loadbalancer_absent()).loadbalancer_known is None
+
+
+def test_snapshot_with_memory_round_trips_and_old_state_decodes() -> None:
+    carried = carry(inst(BASE), inst(edited(BASE, _without("compute", "tagsList"))))
+    encoded = msgspec.json.encode(carried)
+    assert msgspec.json.decode(encoded, type=Snapshot) == carried
+    old_state = json.loads(msgspec.json.encode(inst(BASE)))
+    for name in ("instance_known", "loadbalancer_known"):
+        old_state.pop(name, None)
+    restored = msgspec.json.decode(json.dumps(old_state).encode(), type=Snapshot)
+    assert restored.instance_known is None
+    assert diff(restored, carry(restored, inst(_tagged(LINUX, env="x")))) != []
+
+
+def test_diff_recursion_is_bounded_on_deep_snapshots_built_without_the_decoder() -> None:
+    """The decoder refuses such documents; the diff itself still walks at most 32 levels."""
+    deep: Any = "leaf"
+    for _ in range(2000):
+        deep = {"a": deep}
+    new = copy.deepcopy(BASE)
+    new["compute"]["storageProfile"]["osDisk"]["encryptionSettings"] = {"x": deep}
+    new["compute"]["vmSize"] = "Standard_X9"
+    old_snap = inst(BASE)
+    new_snap = Snapshot(instance=old_snap.instance, instance_raw=new)
+    found = diff(old_snap, carry(old_snap, new_snap))
+    assert summary(found) == [("disks", "modified", "os"), ("compute", "modified", "vmSize")]
+    [deep_path] = [f for f in found[0].fields or [] if f.startswith("encryptionSettings.x")]
+    assert deep_path.count(".") <= 33  # cut at the depth bound

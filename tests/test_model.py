@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from imdsd import model
+from imdsd import depth, model
 from imdsd.model import DocumentError, Snapshot
 
 DATA = Path(__file__).parent / "data"
@@ -322,8 +322,8 @@ def _set_lun_int(raw: dict[str, Any]) -> None:
     raw["compute"]["storageProfile"]["dataDisks"][0]["lun"] = 0
 
 
-def _drop_compute(raw: dict[str, Any]) -> None:
-    del raw["compute"]
+def _set_compute_null(raw: dict[str, Any]) -> None:
+    raw["compute"] = None
 
 
 @pytest.mark.parametrize(
@@ -334,7 +334,7 @@ def _drop_compute(raw: dict[str, Any]) -> None:
         (_set_nics_object, "$.network.interface", "Expected `array`, got `object`"),
         (_set_tag_name_null, "$.compute.tagsList[0].name", "Expected `str`, got `null`"),
         (_set_lun_int, "$.compute.storageProfile.dataDisks[0].lun", "Expected `str`, got `int`"),
-        (_drop_compute, "$", "Object missing required field `compute`"),
+        (_set_compute_null, "$.compute", "Expected `object`, got `null`"),
     ],
 )
 def test_wrong_shape_names_the_path(
@@ -494,3 +494,43 @@ def test_structs_are_frozen() -> None:
         instance.compute.name = "other"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         Snapshot().loadbalancer_absent = True  # type: ignore[misc]
+
+
+def _nested(depth: int, leaf: bytes = b"1") -> bytes:
+    """A JSON value of ``depth`` nested objects around ``leaf``."""
+    return b'{"a":' * depth + leaf + b"}" * depth
+
+
+@pytest.mark.parametrize("levels", [33, 450, 10_000])
+def test_documents_deeper_than_imds_sends_are_invalid(levels: int) -> None:
+    """A document nested deeper than ``MAX_DEPTH`` (32) is a DocumentError, not a crash."""
+    under_known_key = b'{"compute":{"name":"vm","plan":' + _nested(levels - 2) + b'},"network":{}}'
+    in_a_list = b'{"compute":{"tagsList":[' + _nested(levels - 3) + b"]}}"
+    for body, document, parse in (
+        (under_known_key, "instance", model.parse_instance),
+        (in_a_list, "instance", model.parse_instance),
+        (
+            b'{"DocumentIncarnation":1,"Events":[],"x":' + _nested(levels - 1) + b"}",
+            "scheduled events",
+            model.parse_scheduled_events,
+        ),
+        (
+            b'{"loadbalancer":' + _nested(levels - 1) + b"}",
+            "loadbalancer",
+            model.parse_loadbalancer,
+        ),
+    ):
+        with pytest.raises(DocumentError, match=f"invalid {document} document: nested deeper"):
+            parse(body)
+    if levels > 1000:  # beyond the decoder's own recursion limit: still a DocumentError
+        with pytest.raises(DocumentError, match="nested deeper than 32 levels"):
+            model.decode_instance(b'{"compute":' + _nested(levels) + b"}")
+
+
+def test_documents_up_to_the_depth_bound_decode() -> None:
+    body = b'{"compute":{"name":"vm","future":' + _nested(30) + b"}}"
+    instance, raw = model.parse_instance(body)
+    assert instance.compute.name == "vm"
+    assert depth.too_deep(raw) is None
+    assert depth.too_deep(raw, 31) == "$.compute.future" + ".a" * 29
+    assert depth.too_deep([[{"x": []}]], 3) == "$[0][0].x"
