@@ -30,6 +30,8 @@ from imdsd.broadcast import Subscription
 from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail
 from imdsd.config import Config, ConfigError, load_config
 from imdsd.frames import ChangeFrame, GoneFrame
+from imdsd.front.server import FD_NAME as FRONT_FD_NAME
+from imdsd.front.server import FrontServer, open_front_listeners
 from imdsd.health import HealthBoard
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
@@ -125,19 +127,21 @@ class Daemon:
         notifier: Notifier | None = None,
         inherited: Sequence[socket.socket] = (),
         metrics_inherited: Sequence[socket.socket] = (),
+        front_inherited: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.notifier = notifier or Notifier(None)
         self.inherited = list(inherited)
         self.metrics_inherited = list(metrics_inherited)
+        self.front_inherited = list(front_inherited)
         self.keeper = StateKeeper(
             load_store(config.state.directory, config.state.history), config.state.directory
         )
         self.board = HealthBoard()
         self.budget = Budget(config.imds.max_requests_per_second)
         self.metrics = Metrics()
-        self.client = ImdsClient(config.imds, self.budget)
+        self.client = ImdsClient(config.imds, self.budget, metrics=self.metrics)
         self.hooks = HookDispatcher(
             load_hooks(config),
             self.keeper,
@@ -148,11 +152,24 @@ class Daemon:
         self.metrics.hooks = self.hooks.metrics
         self.metrics.revision.track(lambda: self.keeper.revision)
         self.metrics.budget_in_use.track(lambda: self.budget.in_use())  # noqa: PLW0108 - rebound on reload
+        self.metrics.budget_rate.track(lambda: self.budget.rate)
+        self.metrics.budget_waiting.track(lambda: self.budget.waiting)
+        self.metrics.upstream_freshness = self.freshness
         self.keeper.listeners.append(lambda frame: self.metrics.count_changes(frame.changes))
         self.api = ApiServer(DaemonContext(self), config.server, self.metrics)
         self.hooks.policy = self.api.policy  # hooks see what the socket shows their uid
         self.keeper.listeners.append(self.api.deliver)
         self.metrics_server = MetricsServer(self.metrics)
+        self.front: FrontServer | None = None
+        if config.front.listen or self.front_inherited:
+            self.front = FrontServer(
+                DaemonContext(self),
+                config.front,
+                client=lambda: self.client,
+                budget=lambda: self.budget,
+                policy=lambda: self.api.policy,
+                metrics=self.metrics,
+            )
         self.serving = False
         self.pollers_alive = False
         self._pollers_scope = trio.CancelScope()
@@ -160,6 +177,17 @@ class Daemon:
         self._probe_path: str | None = None
 
     # -- health ------------------------------------------------------------------------
+
+    def freshness(self) -> dict[str, tuple[bool, float | None]]:
+        """Per enabled endpoint: stale or not, and seconds since its last good fetch."""
+        now = trio.current_time()
+        return {
+            name: (
+                h.state(now) == "stale",
+                None if h.last_success is None else now - h.last_success,
+            )
+            for name, h in self.board.endpoints.items()
+        }
 
     def health(self) -> dict[str, Any]:
         """The ``/v1/health`` and ``imdsd status`` document."""
@@ -178,6 +206,8 @@ class Daemon:
             hooks={s.name: msgspec.to_builtins(s) for s in self.hooks.status()},
         )
         doc.update(self.client.status())
+        if self.front is not None:
+            doc.update(front=self.front.status(), callers=self.front.callers())
         return doc
 
     def status_line(self) -> str:
@@ -196,6 +226,7 @@ class Daemon:
         metrics_listeners = await open_metrics_listeners(
             self.config.metrics.listen, self.metrics_inherited
         )
+        front_listeners = await open_front_listeners(self.config.front.listen, self.front_inherited)
         self._probe_path = _unix_path(listeners[0].socket)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._handle_signals)
@@ -205,6 +236,8 @@ class Daemon:
             if metrics_listeners:
                 await nursery.start(self.metrics_server.serve, metrics_listeners)
                 log.info("metrics listening", addresses=addresses(metrics_listeners))
+            if self.front is not None and front_listeners:
+                await nursery.start(self.front.serve, front_listeners)
             await nursery.start(self.hooks.run)
             nursery.start_soon(self._run_pollers)
             if await self._ready_or_stopped():
@@ -300,10 +333,14 @@ class Daemon:
             log.warning("setting needs a restart to apply", key="state")
         if old.metrics != new.metrics:
             log.warning("setting needs a restart to apply", key="metrics.listen")
+        if old.front.listen != new.front.listen:
+            log.warning("setting needs a restart to apply", key="front.listen")
+        if self.front is not None:
+            self.front.reconfigure(new.front)
         if old.imds != new.imds or old.poll != new.poll:
             old_client = self.client
-            self.budget = Budget(new.imds.max_requests_per_second)
-            self.client = ImdsClient(new.imds, self.budget)
+            self.budget.set_rate(new.imds.max_requests_per_second)  # the window carries over
+            self.client = ImdsClient(new.imds, self.budget, metrics=self.metrics)
             self._pollers_scope.cancel()  # _run_pollers restarts them with the new client
             await old_client.aclose()
         self.api.reconfigure(new.server)
@@ -362,7 +399,8 @@ def run_command(args: argparse.Namespace) -> int:
     notifier = Notifier.from_env()
     try:
         passed = listen_fds()
-        inherited = [sock for sock, name in passed if name != METRICS_FD_NAME]
+        inherited = [sock for sock, name in passed if name not in (METRICS_FD_NAME, FRONT_FD_NAME)]
+        front_inherited = [sock for sock, name in passed if name == FRONT_FD_NAME]
         metrics_inherited = [sock for sock, name in passed if name == METRICS_FD_NAME]
     except SystemdError as exc:
         return fail(str(exc), EXIT_CONFIG)
@@ -373,6 +411,7 @@ def run_command(args: argparse.Namespace) -> int:
             notifier=notifier,
             inherited=inherited,
             metrics_inherited=metrics_inherited,
+            front_inherited=front_inherited,
         )
         trio.run(daemon.run)
     except ListenError as exc:

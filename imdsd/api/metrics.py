@@ -4,7 +4,8 @@ Every family is always exposed (with ``# HELP`` and ``# TYPE``), and every label
 from a bounded set: upstream ``endpoint`` is one of :data:`UPSTREAM_ENDPOINTS` (anything else
 counts as ``other``), status ``class`` is ``2xx``/``4xx``/``5xx`` or ``error`` (no answer, or
 any other status), ``kind`` is one of the change kinds, ``hook`` is a configured hook name
-and hook ``result`` is ``ok``/``failed``/``timeout``.
+and hook ``result`` is ``ok``/``failed``/``timeout``; front ``result`` is one of
+:data:`FRONT_RESULTS`.
 
 Counters are pushed (``metrics.upstream_request("instance", 200)``); gauges read a value set
 with :meth:`Gauge.set` or a function given to :meth:`Gauge.track`; hook counters are pulled
@@ -28,6 +29,7 @@ UPSTREAM_ENDPOINTS: tuple[str, ...] = (
     "other",
 )
 STATUS_CLASSES: tuple[str, ...] = ("2xx", "4xx", "5xx", "error")
+FRONT_RESULTS: tuple[str, ...] = ("cached", "stale", "forwarded", "refused", "throttled", "error")
 FETCH_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -151,9 +153,14 @@ class Metrics:
         self.changes = dict.fromkeys(KINDS, 0)
         self.watch_overflows = 0
         self.budget_in_use = Gauge()
+        self.budget_rate = Gauge()
+        self.budget_waiting = Gauge()
+        self.upstream_freshness: Callable[[], Mapping[str, tuple[bool, float | None]]] | None = None
         self.revision = Gauge()
         self.watchers = Gauge()
         self.connections = Gauge()
+        self.front_requests: dict[str, int] = dict.fromkeys(FRONT_RESULTS, 0)
+        self.front_waiting = Gauge()
 
     @staticmethod
     def _endpoint(endpoint: str) -> str:
@@ -202,6 +209,26 @@ class Metrics:
         sample("imdsd_upstream_throttled_total", self.upstream_throttled)
         family("imdsd_budget_in_use", "gauge", "Upstream requests sent within the last second.")
         sample("imdsd_budget_in_use", self.budget_in_use.value())
+        family("imdsd_budget_rate", "gauge", "Upstream requests allowed per second (the budget).")
+        sample("imdsd_budget_rate", self.budget_rate.value())
+        family("imdsd_budget_waiting", "gauge", "Upstream requests waiting for the budget now.")
+        sample("imdsd_budget_waiting", self.budget_waiting.value())
+        freshness = dict(self.upstream_freshness()) if self.upstream_freshness else {}
+        family(
+            "imdsd_upstream_stale",
+            "gauge",
+            "1 when an enabled endpoint's data is stale (no good fetch for 3 poll intervals).",
+        )
+        for endpoint, (stale, _age) in freshness.items():
+            sample("imdsd_upstream_stale", int(stale), ("endpoint", self._endpoint(endpoint)))
+        family(
+            "imdsd_data_age_seconds",
+            "gauge",
+            "Seconds since the last good fetch of an enabled endpoint (absent before the first).",
+        )
+        for endpoint, (_stale, age) in freshness.items():
+            if age is not None:
+                sample("imdsd_data_age_seconds", age, ("endpoint", self._endpoint(endpoint)))
         family(
             "imdsd_fetch_duration_seconds",
             "histogram",
@@ -229,6 +256,12 @@ class Metrics:
         sample("imdsd_watch_overflows_total", self.watch_overflows)
         family("imdsd_connections", "gauge", "Open connections to the local API socket.")
         sample("imdsd_connections", self.connections.value())
+        family("imdsd_front_requests_total", "counter", "IMDS front requests by how answered.")
+        for result in FRONT_RESULTS:
+            count = self.front_requests.get(result, 0)
+            sample("imdsd_front_requests_total", count, ("result", result))
+        family("imdsd_front_waiting", "gauge", "Front requests waiting for upstream capacity.")
+        sample("imdsd_front_waiting", self.front_waiting.value())
         self._render_hooks(family, sample)
         return ("\n".join(out) + "\n").encode()
 

@@ -12,6 +12,10 @@
 - ``connect_timeout`` bounds connecting, ``read_timeout`` (or a per-call timeout) the whole
   exchange; answers over 1 MiB are refused and their connection dropped.
 - trio/h11 failures become :class:`UpstreamError` subclasses at this boundary.
+- Every request sent is counted in the optional :class:`RequestMetrics` by lane (``instance``,
+  ``scheduled_events``, ``loadbalancer``, ``versions``, ``approve``; raw calls count under their
+  path) and answer status (``None`` when no answer came); every document :meth:`fetch` gets
+  records its duration, budget waits and retries included.
 
 :meth:`ImdsClient.fetch` adds the retry policy and api-version negotiation on top.
 """
@@ -22,9 +26,9 @@ import random
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 import structlog
@@ -33,6 +37,7 @@ import trio
 from imdsd import __version__, httpio
 from imdsd.config import ImdsConfig
 from imdsd.model import DocumentError, decode_error, decode_versions
+from imdsd.netmark import open_marked_tcp
 from imdsd.upstream.budget import Budget, Priority
 from imdsd.upstream.retry import (
     DEFAULT_POLICY,
@@ -174,6 +179,16 @@ class Fetched:
 Observer = Callable[[Outcome, Decision], None]
 
 
+class RequestMetrics(Protocol):
+    """Where the client counts requests and fetch times (:class:`imdsd.api.metrics.Metrics`)."""
+
+    def upstream_request(self, endpoint: str, status: int | None) -> None:
+        """One request sent on lane ``endpoint``; ``status`` None when no answer came."""
+
+    def observe_fetch(self, endpoint: str, seconds: float) -> None:
+        """One document of ``endpoint`` fetched in ``seconds`` (retries included)."""
+
+
 def build_target(path: str, query: Mapping[str, str] | None) -> str:
     """``path?query`` with each parameter once, percent-encoded; ``path`` must be absolute."""
     if not path.startswith("/") or "?" in path or "#" in path:
@@ -208,6 +223,7 @@ class ImdsClient:
         *,
         rng: Random | None = None,
         max_body: int = MAX_BODY,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         url = urllib.parse.urlsplit(config.endpoint)
         if url.scheme != "http" or not url.hostname:
@@ -219,6 +235,7 @@ class ImdsClient:
         self.budget = budget
         self.versions = VersionBook(config.api_version)
         self.max_body = max_body
+        self.metrics = metrics
         self.sent = 0
         self._rng: Random = rng if rng is not None else random.Random()
         self._connections: dict[str, httpio.ClientConnection] = {}
@@ -300,8 +317,10 @@ class ImdsClient:
                     timeout=self.config.read_timeout if timeout is None else timeout,
                 )
             except httpio.HttpIOError as exc:
+                self._count(lane, None)
                 await self._drop(lane)
                 raise _mapped(exc) from exc
+            self._count(lane, response.status)
             if not conn.reusable:
                 await self._drop(lane)
         return UpstreamResponse(
@@ -310,6 +329,57 @@ class ImdsClient:
             response.body,
         )
 
+    async def forward(
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        *,
+        acquire: Callable[[], Awaitable[None]],
+        lane: str,
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send an agent's request as it came (the IMDS front), no retries.
+
+        ``target`` and ``headers`` go as given (the caller's ``Host`` is replaced by the
+        endpoint's; nothing is added); ``acquire`` takes the slot instead of the budget,
+        after the connection is open, as for imdsd's own requests.
+        """
+        lock = self._locks.setdefault(lane, trio.Lock())
+        sent = [(k, v) for k, v in headers if k.lower() != "host"]
+        async with lock:
+            conn = await self._connection(lane)
+            await acquire()
+            if not conn.reusable:  # closed while we waited: one fresh connection, same slot
+                await self._drop(lane)
+                conn = await self._connection(lane)
+            self.sent += 1
+            try:
+                response = await conn.request(
+                    method,
+                    target,
+                    [("Host", self.host_header), *sent],
+                    body,
+                    timeout=self.config.read_timeout if timeout is None else timeout,
+                )
+            except httpio.HttpIOError as exc:
+                self._count(lane, None)
+                await self._drop(lane)
+                raise _mapped(exc) from exc
+            self._count(lane, response.status)
+            if not conn.reusable:
+                await self._drop(lane)
+        return UpstreamResponse(
+            response.status,
+            tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers),
+            response.body,
+        )
+
+    def _count(self, lane: str, status: int | None) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_request(lane, status)
+
     async def _connection(self, lane: str) -> httpio.ClientConnection:
         conn = self._connections.get(lane)
         if conn is not None and conn.reusable:
@@ -317,7 +387,8 @@ class ImdsClient:
         if conn is not None:
             await self._drop(lane)
         try:
-            stream = await httpio.open_tcp(self.host, self.port, self.config.connect_timeout)
+            # marked so the IMDS redirect lets imdsd itself through (imdsd.netmark)
+            stream = await open_marked_tcp(self.host, self.port, self.config.connect_timeout)
         except httpio.HttpIOError as exc:
             raise _mapped(exc) from exc
         conn = httpio.ClientConnection(stream, max_body=self.max_body)
@@ -357,7 +428,8 @@ class ImdsClient:
         :class:`GaveUp` when the policy gives up (a non-retryable answer, a refused
         version with nothing left to try, or the policy's deadline).
         """
-        return await self._versioned(
+        started = trio.current_time()
+        fetched = await self._versioned(
             endpoint,
             "GET",
             priority=priority,
@@ -366,6 +438,9 @@ class ImdsClient:
             observer=observer,
             lane=endpoint,
         )
+        if self.metrics is not None:
+            self.metrics.observe_fetch(endpoint, trio.current_time() - started)
+        return fetched
 
     async def approve(
         self, event_ids: Sequence[str], *, deadline: float = APPROVE_DEADLINE
@@ -509,7 +584,7 @@ class ImdsClient:
         return available
 
     def status(self) -> dict[str, object]:
-        """Budget use, api-versions and connections, JSON-ready (for status and metrics)."""
+        """Budget use, api-versions and upstream connections, JSON-ready (for status)."""
         return {
             "budget": {
                 "rate": self.budget.rate,
@@ -519,5 +594,5 @@ class ImdsClient:
             },
             "api_version": dict(self.versions.chosen()),
             "requests_sent": self.sent,
-            "connections": self.open_connections,
+            "upstream_connections": self.open_connections,
         }

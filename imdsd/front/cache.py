@@ -1,0 +1,188 @@
+"""Front answers from imdsd's cache (sans-IO), at the caller's api-version.
+
+:meth:`CacheAnswers.answer` serves ``/metadata/versions``, ``/metadata/instance[/...]``,
+``/metadata/scheduledevents`` and ``/metadata/loadbalancer`` GETs from the current snapshot,
+or returns None when the cache cannot give exactly what IMDS would (nothing cached yet, the
+api-version imdsd polls with is unknown, the caller's api-version is not one IMDS lists for
+the endpoint or is newer than the polled one, a field of unknown age, the load balancer's
+404): the request is then forwarded. Route filtering and ``format`` are IMDS's
+(:mod:`imdsd.filtering`, JSON on a leaf refused). Restricted paths apply by the caller's uid
+and gid (:class:`imdsd.api.access.AccessPolicy`): 403 below a restricted path, redacted above.
+
+Every cached answer carries ``X-Imdsd-Source: cache``, ``X-Imdsd-Revision``,
+``X-Imdsd-Fetched-At`` (when fetched in this run) and ``X-Imdsd-Stale``; a stale answer (the
+endpoint's polls are failing) is the last good document, served stale-if-error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from imdsd.api.access import AccessPolicy, Peer
+from imdsd.api.context import ApiContext, Freshness
+from imdsd.api.context import Endpoint as ContextEndpoint
+from imdsd.filtering import FilterError, parse_format, render, resolve
+from imdsd.front.rules import JSON_TYPE, LOADBALANCER_MIN, Endpoint, Routed, error_body
+from imdsd.front.shaping import events_at, instance_at
+from imdsd.store import format_timestamp
+from imdsd.upstream.versions import GENERAL_VERSIONS, SCHEDULED_EVENTS_VERSIONS
+
+MAX_MEMO = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A complete front answer; ``result`` is its metrics label."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...]
+    result: str
+
+
+def _meta(revision: int, fresh: Freshness) -> tuple[tuple[str, str], ...]:
+    headers = [("x-imdsd-source", "cache"), ("x-imdsd-revision", str(revision))]
+    if fresh.fetched_at is not None:
+        headers.append(("x-imdsd-fetched-at", format_timestamp(fresh.fetched_at)))
+    headers.append(("x-imdsd-stale", "true" if fresh.stale else "false"))
+    return tuple(headers)
+
+
+class CacheAnswers:
+    """Builds front answers from an :class:`ApiContext` (see the module docstring).
+
+    ``polled`` returns the api-version each endpoint is polled with (``VersionBook.chosen``);
+    ``policy`` returns the current access policy (it changes on reload).
+    """
+
+    def __init__(
+        self,
+        ctx: ApiContext,
+        polled: Callable[[], Mapping[Any, str]],
+        policy: Callable[[], AccessPolicy],
+    ) -> None:
+        self.ctx = ctx
+        self.polled = polled
+        self.policy = policy
+        self._memo: dict[Any, Answer | None] = {}
+        self._memo_key: Any = None
+
+    def known_versions(self) -> Sequence[str]:
+        """The api-versions IMDS lists (imdsd's own list when it has not said)."""
+        return tuple(self.ctx.versions() or GENERAL_VERSIONS)
+
+    def answer(self, request: Routed, peer: Peer | None) -> Answer | None:
+        """The cached answer to a GET of a cached endpoint, or None to forward it."""
+        snapshot = self.ctx.snapshot
+        if snapshot is None or request.method != "GET":
+            return None
+        match request.endpoint:
+            case Endpoint.VERSIONS:
+                return self._versions()
+            case Endpoint.INSTANCE:
+                return self._instance(request, peer)
+            case Endpoint.SCHEDULED_EVENTS:
+                return self._document(
+                    "scheduled_events", snapshot.scheduled_events_raw, request, events_at
+                )
+            case Endpoint.LOADBALANCER:
+                if snapshot.loadbalancer_absent:
+                    return None
+                return self._document(
+                    "loadbalancer", snapshot.loadbalancer_raw, request, _same_document
+                )
+        return None
+
+    def _versions(self) -> Answer | None:
+        versions = self.ctx.versions()
+        if versions is None:
+            return None
+        fresh = Freshness(None, False)
+        body = msgspec.json.encode({"apiVersions": list(versions)})
+        return Answer(200, body, JSON_TYPE, _meta(self.ctx.revision, fresh), "cached")
+
+    def _version_ok(self, endpoint: str, version: str, polled: str) -> bool:
+        if version > polled:
+            return False
+        if endpoint == "scheduled_events":
+            return version in SCHEDULED_EVENTS_VERSIONS
+        if endpoint == "loadbalancer" and version < LOADBALANCER_MIN:
+            return False
+        return version in self.known_versions()
+
+    def _memo_for(self, key: Any) -> dict[Any, Answer | None]:
+        if key != self._memo_key or len(self._memo) >= MAX_MEMO:
+            self._memo = {}
+            self._memo_key = key
+        return self._memo
+
+    def _instance(self, request: Routed, peer: Peer | None) -> Answer | None:
+        snapshot = self.ctx.snapshot
+        assert snapshot is not None
+        raw = snapshot.instance_raw
+        polled = self.polled().get("instance")
+        version = request.api_version
+        fresh = self.ctx.freshness("instance")
+        if raw is None or fresh.fetched_at is None or version is None or polled is None:
+            return None
+        if not self._version_ok("instance", version, polled):
+            return None
+        policy = self.policy()
+        level = policy.level(peer)
+        access = policy.instance_access(request.segments, level)
+        if access == "deny":
+            body = error_body(f"Forbidden. {'/'.join(request.segments)} is restricted")
+            return Answer(403, body, JSON_TYPE, _meta(self.ctx.revision, fresh), "refused")
+        memo = self._memo_for((id(raw), polled, self.ctx.revision, fresh, id(policy)))
+        key = (version, tuple(request.segments), request.query.get("format"), access)
+        if key in memo:
+            return memo[key]
+        shaped = instance_at(raw, version, polled)
+        if shaped is None:
+            memo[key] = None
+            return None
+        if access == "filtered":
+            shaped = policy.redact_instance(shaped)
+        meta = _meta(self.ctx.revision, fresh)
+        result = "stale" if fresh.stale else "cached"
+        try:
+            fmt = parse_format(request.query.get("format"))
+            body, content_type = render(
+                resolve(shaped, request.segments), fmt, leaf_json_allowed=False
+            )
+            answer = Answer(200, body, content_type, meta, result)
+        except FilterError as exc:
+            answer = Answer(exc.status, error_body(str(exc)), JSON_TYPE, meta, result)
+        memo[key] = answer
+        return answer
+
+    def _document(
+        self,
+        endpoint: ContextEndpoint,
+        raw: dict[str, Any] | None,
+        request: Routed,
+        shape: Callable[[Any, str, str], Any | None],
+    ) -> Answer | None:
+        polled = self.polled().get(endpoint)
+        fresh = self.ctx.freshness(endpoint)
+        version = request.api_version
+        if raw is None or fresh.fetched_at is None or version is None or polled is None:
+            return None
+        if not self._version_ok(endpoint, version, polled):
+            return None
+        shaped = shape(raw, version, polled)
+        if shaped is None:
+            return None
+        result = "stale" if fresh.stale else "cached"
+        body = msgspec.json.encode(shaped)
+        return Answer(200, body, JSON_TYPE, _meta(self.ctx.revision, fresh), result)
+
+
+def _same_document(document: Any, api_version: str, polled: str) -> Any:
+    """The load balancer document: no field is known to differ between its versions."""
+    return document

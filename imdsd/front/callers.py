@@ -1,0 +1,237 @@
+"""Who is calling the front: uid, pid and command of a TCP peer, from the kernel's tables.
+
+Nothing the caller sends is trusted. For a connection accepted from ``peer`` (address, port)
+the client's own socket is looked up in ``/proc/net/tcp`` and ``/proc/net/tcp6``: the entry
+whose *local* address is ``peer`` (preferring one whose remote address is the front's, which
+differs when an nftables redirect rewrote the destination) gives the socket's uid and inode;
+the process holding ``socket:[inode]`` is found by reading ``/proc/<pid>/fd`` links (pids
+seen before first, then every process), and its command from ``/proc/<pid>/comm``. Finding
+the pid of another user's process needs root (or CAP_SYS_PTRACE); without it the pid and
+command stay unknown and only the uid is known.
+
+Parsing and the per-caller counters (:class:`CallerStats`) are sans-IO; :class:`Resolver`
+reads ``/proc`` (call it in a worker thread).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+Address = tuple[str, int]
+ESTABLISHED = 0x01
+
+
+class SocketEntry(NamedTuple):
+    """One row of ``/proc/net/tcp{,6}``."""
+
+    local: Address
+    remote: Address
+    state: int
+    uid: int
+    inode: int
+
+
+class Caller(NamedTuple):
+    """A connection's peer process; ``pid`` None and ``command`` "" when unknown."""
+
+    uid: int
+    gid: int
+    pid: int | None
+    command: str
+
+
+UNKNOWN = Caller(-1, -1, None, "")
+
+
+def normalize(host: str) -> str:
+    """An IP address in canonical text; IPv4-mapped IPv6 becomes plain IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def parse_address(text: str) -> Address:
+    """``0100007F:1F90`` (or the 32-hex-digit IPv6 form) -> ``("127.0.0.1", 8080)``."""
+    host_hex, port_hex = text.split(":")
+    raw = bytes.fromhex(host_hex)
+    # the kernel prints each 32-bit word in host (little-endian) order
+    swapped = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    host = ipaddress.ip_address(swapped)
+    return normalize(str(host)), int(port_hex, 16)
+
+
+def parse_table(text: str) -> list[SocketEntry]:
+    """The rows of a ``/proc/net/tcp`` or ``/proc/net/tcp6`` text (malformed rows skipped)."""
+    entries = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        try:
+            entries.append(
+                SocketEntry(
+                    parse_address(fields[1]),
+                    parse_address(fields[2]),
+                    int(fields[3], 16),
+                    int(fields[7]),
+                    int(fields[9]),
+                )
+            )
+        except ValueError:
+            continue
+    return entries
+
+
+def find_peer_socket(
+    entries: list[SocketEntry], peer: Address, ours: Address | None
+) -> SocketEntry | None:
+    """The client's socket of a connection from ``peer`` to ``ours`` (see module docstring)."""
+    peer = (normalize(peer[0]), peer[1])
+    mine = (normalize(ours[0]), ours[1]) if ours else None
+    candidates = [e for e in entries if e.local == peer and e.inode]
+    for entry in candidates:
+        if entry.remote == mine:
+            return entry
+    established = [e for e in candidates if e.state == ESTABLISHED and e.remote != peer]
+    return established[0] if len(established) == 1 else None
+
+
+@dataclass
+class CallerCounts:
+    """Front requests of one caller, by how they were answered."""
+
+    uid: int
+    pid: int | None
+    command: str
+    requests: int = 0
+    cached: int = 0
+    forwarded: int = 0
+    queued: int = 0
+    refused: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        """The record ``imdsd status`` shows."""
+        return {
+            "uid": self.uid,
+            "pid": self.pid,
+            "command": self.command,
+            "requests": self.requests,
+            "cached": self.cached,
+            "forwarded": self.forwarded,
+            "queued": self.queued,
+            "refused": self.refused,
+        }
+
+
+@dataclass
+class CallerStats:
+    """Counters per caller (uid, pid, command), at most ``capacity`` callers (LRU)."""
+
+    capacity: int = 1024
+    _callers: OrderedDict[tuple[int, int | None, str], CallerCounts] = field(
+        default_factory=OrderedDict
+    )
+
+    def counts(self, caller: Caller) -> CallerCounts:
+        """The counters of ``caller`` (created, and the least recently seen one dropped)."""
+        key = (caller.uid, caller.pid, caller.command)
+        found = self._callers.get(key)
+        if found is None:
+            if len(self._callers) >= self.capacity:
+                self._callers.popitem(last=False)
+            found = self._callers[key] = CallerCounts(caller.uid, caller.pid, caller.command)
+        else:
+            self._callers.move_to_end(key)
+        return found
+
+    def top(self, count: int = 10) -> list[dict[str, object]]:
+        """The ``count`` callers with the most requests, most first."""
+        ranked = sorted(self._callers.values(), key=lambda c: (-c.requests, c.uid, c.command))
+        return [c.to_json() for c in ranked[:count]]
+
+
+class Resolver:
+    """Reads ``/proc`` to find a TCP peer's process (blocking: run it in a thread)."""
+
+    def __init__(self, proc: str = "/proc", remember: int = 256) -> None:
+        self.proc = proc
+        self.remember = remember
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        self.scans = 0
+
+    def _read(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.proc, name), encoding="ascii", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def socket_of(self, peer: Address, ours: Address | None) -> SocketEntry | None:
+        """The client's socket entry for a connection from ``peer`` to ``ours``."""
+        entries = parse_table(self._read("net/tcp")) + parse_table(self._read("net/tcp6"))
+        return find_peer_socket(entries, peer, ours)
+
+    def _holds(self, pid: int, link: str) -> bool:
+        fd_dir = os.path.join(self.proc, str(pid), "fd")
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            return False
+        for name in names:
+            try:
+                if os.readlink(os.path.join(fd_dir, name)) == link:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def pid_of(self, inode: int) -> int | None:
+        """The pid of a process holding ``socket:[inode]`` (recent pids tried first)."""
+        link = f"socket:[{inode}]"
+        for pid in reversed(self._recent):
+            if self._holds(pid, link):
+                self._recent.move_to_end(pid)
+                return pid
+        self.scans += 1
+        try:
+            pids = [int(n) for n in os.listdir(self.proc) if n.isdigit()]
+        except OSError:
+            return None
+        for pid in pids:
+            if pid not in self._recent and self._holds(pid, link):
+                self._recent[pid] = None
+                if len(self._recent) > self.remember:
+                    self._recent.popitem(last=False)
+                return pid
+        return None
+
+    def process(self, pid: int) -> tuple[str, int]:
+        """The command name and effective gid of ``pid`` ("" and -1 when unreadable)."""
+        command = self._read(f"{pid}/comm").strip()
+        gid = -1
+        for line in self._read(f"{pid}/status").splitlines():
+            if line.startswith("Gid:"):
+                parts = line.split()
+                if len(parts) > 2 and parts[2].isdigit():
+                    gid = int(parts[2])
+                break
+        return command, gid
+
+    def resolve(self, peer: Address, ours: Address | None) -> Caller:
+        """The caller of a TCP connection from ``peer`` to ``ours``; uid -1 when not found."""
+        entry = self.socket_of(peer, ours)
+        if entry is None:
+            return UNKNOWN
+        pid = self.pid_of(entry.inode)
+        if pid is None:
+            return Caller(entry.uid, -1, None, "")
+        command, gid = self.process(pid)
+        return Caller(entry.uid, gid, pid, command)

@@ -1,0 +1,203 @@
+"""The IMDS front's trio shell: the TCP listener, caller attribution, counters and status.
+
+``[front] listen = "HOST:PORT"`` binds it (:func:`open_front_listeners`), or systemd passes a
+socket named ``front`` (``FileDescriptorName=front``). Each request is checked by IMDS's
+rules (:mod:`.rules`), answered from the cache at the caller's api-version (:mod:`.cache`)
+or forwarded (:mod:`.relay`). The caller of each connection is looked up once, in a worker
+thread, from the kernel's socket tables (:mod:`.callers`); its uid decides access to
+restricted paths, and :meth:`FrontServer.status` lists the busiest callers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import structlog
+import trio
+
+from imdsd.api.access import AccessPolicy, Peer
+from imdsd.api.context import ApiContext
+from imdsd.api.metrics import Metrics
+from imdsd.api.server import ListenError, adopt
+from imdsd.config import FrontConfig
+from imdsd.front.cache import Answer, CacheAnswers
+from imdsd.front.callers import UNKNOWN, Address, Caller, CallerStats, Resolver
+from imdsd.front.relay import Relay
+from imdsd.front.rules import Refusal, check, origin_form
+from imdsd.httpio import HttpServer, Request, Responder, ServerLimits
+from imdsd.metrics_server import addresses, split_address
+from imdsd.upstream.budget import Budget
+from imdsd.upstream.client import ImdsClient
+
+log = structlog.get_logger("imdsd.front")
+
+FD_NAME: Final = "front"
+MAX_CONNECTIONS: Final = 4096
+TOP_CALLERS: Final = 10
+LIMITS: Final = ServerLimits(
+    max_head=16384, max_body=65536, idle_timeout=60.0, request_timeout=10.0, drain_timeout=1.0
+)
+_COUNTED: Final = {
+    "cached": "cached",
+    "stale": "cached",
+    "forwarded": "forwarded",
+    "error": "forwarded",
+    "refused": "refused",
+    "throttled": "refused",
+}
+
+
+async def open_front_listeners(
+    listen: str, inherited: Sequence[socket.socket] = ()
+) -> list[trio.SocketListener]:
+    """The inherited ``front`` sockets if any, else ``listen`` bound (``""``: none).
+
+    Raises :class:`imdsd.api.server.ListenError` with a one-line message.
+    """
+    if inherited:
+        return adopt(inherited)
+    if not listen:
+        return []
+    host, port = split_address(listen)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ListenError(f"front.listen: cannot listen on {listen}: {reason}") from None
+
+
+class Connection:
+    """One accepted TCP connection: both addresses and, once looked up, its caller."""
+
+    __slots__ = ("caller", "ours", "peer")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.peer: Address | None = None
+        self.ours: Address | None = None
+        self.caller: Caller | None = None
+        if isinstance(stream, trio.SocketStream):
+            try:
+                self.peer = _address(stream.socket.getpeername())
+                self.ours = _address(stream.socket.getsockname())
+            except OSError:
+                pass
+
+
+def _address(name: Any) -> Address | None:
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return None
+
+
+class FrontServer:
+    """The front: ``handle`` answers one request; ``serve`` runs the listener."""
+
+    def __init__(
+        self,
+        ctx: ApiContext,
+        config: FrontConfig,
+        *,
+        client: Callable[[], ImdsClient],
+        budget: Callable[[], Budget],
+        policy: Callable[[], AccessPolicy],
+        metrics: Metrics,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.cache = CacheAnswers(ctx, lambda: client().versions.chosen(), policy)  # noqa: PLW0108 - the client changes on reload
+        self.relay = Relay(
+            client, budget, queue_timeout=config.queue_timeout, token_cache=config.token_cache
+        )
+        self.resolver = resolver or Resolver()
+        self.stats = CallerStats()
+        self.results = metrics.front_requests
+        self.http = HttpServer(
+            self.handle, LIMITS, max_connections=MAX_CONNECTIONS, peer_info=Connection
+        )
+        self.listening: list[str] = []
+        metrics.front_waiting.track(lambda: self.relay.waiting)
+
+    def reconfigure(self, config: FrontConfig) -> None:
+        """Apply a reloaded ``[front]``: ``queue_timeout`` and ``token_cache`` at once."""
+        self.config = config
+        self.relay.queue_timeout = config.queue_timeout
+        self.relay.token_cache = config.token_cache
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; ``started`` once accepting."""
+        self.listening = addresses(listeners)
+        log.info("front listening", addresses=self.listening)
+        await self.http.serve(listeners, task_status=task_status)
+
+    async def _caller(self, conn: Any) -> Caller:
+        if not isinstance(conn, Connection) or conn.peer is None:
+            return UNKNOWN
+        if conn.caller is None:
+            conn.caller = await trio.to_thread.run_sync(
+                self.resolver.resolve, conn.peer, conn.ours, abandon_on_cancel=True
+            )
+        return conn.caller
+
+    async def handle(self, request: Request, responder: Responder) -> None:
+        """Answer one agent request as IMDS would (the HttpServer handler)."""
+        caller = await self._caller(request.peer)
+        counts = self.stats.counts(caller)
+        counts.requests += 1
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+        target = origin_form(request.target)
+        verdict = check(request.method, target, headers, self.cache.known_versions())
+        answer: Answer | None
+        if isinstance(verdict, Refusal):
+            answer = Answer(
+                verdict.status,
+                verdict.body,
+                verdict.content_type,
+                (*verdict.headers, ("x-imdsd-source", "front")),
+                "refused",
+            )
+        else:
+            answer = None
+            if not verdict.forwarded:
+                peer = Peer(caller.pid or -1, caller.uid, caller.gid)
+                answer = self.cache.answer(verdict, peer)
+            if answer is None:
+
+                def queued() -> None:
+                    counts.queued += 1
+
+                answer = await self.relay.forward(
+                    verdict,
+                    caller=(caller.uid, caller.pid),
+                    target=target,
+                    headers=headers,
+                    body=request.body,
+                    on_queued=queued,
+                )
+        self.results[answer.result] += 1
+        kind = _COUNTED[answer.result]
+        setattr(counts, kind, getattr(counts, kind) + 1)
+        out = [(b"content-type", answer.content_type.encode("latin-1"))]
+        out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+        await responder.send(answer.status, out, answer.body)
+
+    def status(self) -> dict[str, Any]:
+        """The front's part of ``/v1/health``: listeners, results, queue and top callers."""
+        return {
+            "listen": list(self.listening),
+            "requests": dict(self.results),
+            "waiting": self.relay.waiting,
+            "tokens_cached": len(self.relay.tokens),
+            "connections": self.http.active,
+        }
+
+    def callers(self, count: int = TOP_CALLERS) -> list[dict[str, object]]:
+        """The ``count`` busiest callers (uid, pid, command and their counters)."""
+        return self.stats.top(count)
