@@ -15,6 +15,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import select
 import socket
 import time
@@ -66,7 +67,7 @@ class ConnectFailed(HttpIOError):
     """A connection could not be opened (refused, unreachable, timed out)."""
 
 
-def find_header(headers: Headers, name: str) -> str | None:
+def find_header(headers: Sequence[tuple[bytes, bytes]], name: str) -> str | None:
     """The first value of header ``name`` (case-insensitive) in h11-style headers, or None."""
     wanted = name.lower().encode("latin-1")
     for key, value in headers:
@@ -75,8 +76,24 @@ def find_header(headers: Headers, name: str) -> str | None:
     return None
 
 
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def origin_form(target: str) -> str:
+    """``target`` in origin form: ``http://host/a?b`` -> ``/a?b`` (others as they are)."""
+    found = _ABSOLUTE_FORM.match(target)
+    if found is None:
+        return target
+    rest = target[found.end() :]
+    return rest if rest.startswith("/") else "/" + rest
+
+
 class Request:
-    """One HTTP request as the server received it (body read in full)."""
+    """One HTTP request as the server received it (body read in full).
+
+    ``target`` is in origin form (``/path?query``) even when the client sent the absolute
+    form (``http://host/path?query``).
+    """
 
     __slots__ = ("_path", "_query", "body", "headers", "method", "peer", "target")
 
@@ -85,7 +102,7 @@ class Request:
     ) -> None:
         self.peer = peer
         self.method = method
-        self.target = target
+        self.target = target if target[:1] == "/" else origin_form(target)
         self.headers = headers
         self.body = body
         self._path: str | None = None
@@ -208,7 +225,8 @@ class _Wire:
         """The next h11 event, reading from the stream as needed (by ``deadline`` if given).
 
         A deadline scope is opened only when a read has to wait, so a request that is
-        already buffered costs none (trio.TooSlowError when the deadline passes).
+        already buffered costs none (trio.TooSlowError when the deadline passes). A client
+        waiting for ``100 Continue`` is sent one before its body is read.
         """
         while True:
             try:
@@ -218,6 +236,10 @@ class _Wire:
                     raise PeerClosed(f"peer closed the connection: {exc}") from exc
                 raise ProtocolViolation(str(exc), exc.error_status_hint) from exc
             if event is h11.NEED_DATA:
+                if self.conn.they_are_waiting_for_100_continue:
+                    await self.send(
+                        h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                    )
                 if deadline is None:
                     await self.receive_into_h11()
                 else:
@@ -307,14 +329,22 @@ _HEAD_CACHE_SIZE = 256
 _head_cache: dict[tuple[Any, ...], h11.Response] = {}
 
 
+_NO_BODY = (204, 304)  # statuses whose responses carry neither a body nor Content-Length
+
+
 class Responder:
-    """Sends the response to one request: in full with :meth:`send`, or streamed."""
+    """Sends the response to one request: in full with :meth:`send`, or streamed.
+
+    To a HEAD request (``head_only``) the same head is sent, the body never: handlers answer
+    HEAD as they answer GET. A 204 or 304 carries no body and no ``Content-Length``.
+    """
 
     def __init__(self, wire: _Wire, server_header: bytes) -> None:
         self._wire = wire
         self._server = server_header
         self.started = False
         self.close_after = False
+        self.head_only = False
 
     def _head(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> h11.Response:
         full = [(b"server", self._server), (b"date", http_date()), *headers]
@@ -334,7 +364,10 @@ class Responder:
         key = (status, tuple(headers), len(body), self.close_after, self._server, http_date())
         head = _head_cache.get(key)
         if head is None:
-            head = self._head(status, [*headers, (b"content-length", str(len(body)).encode())])
+            if status in _NO_BODY:
+                head = self._head(status, headers)
+            else:
+                head = self._head(status, [*headers, (b"content-length", b"%d" % len(body))])
             if len(_head_cache) >= _HEAD_CACHE_SIZE or (
                 _head_cache and next(iter(_head_cache))[5] != key[5]
             ):
@@ -343,7 +376,7 @@ class Responder:
         conn = self._wire.conn
         try:
             data = conn.send(head) or b""
-            if body:
+            if body and not self.head_only and status not in _NO_BODY:
                 data += conn.send(h11.Data(data=body)) or b""
             data += conn.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:
@@ -357,8 +390,8 @@ class Responder:
         await self._wire.send(self._head(status, [*headers, (b"transfer-encoding", b"chunked")]))
 
     async def write(self, data: bytes) -> None:
-        """Send one chunk of a streamed response."""
-        if data:
+        """Send one chunk of a streamed response (nothing to a HEAD request)."""
+        if data and not self.head_only:
             await self._wire.send(h11.Data(data=data))
 
     def write_nowait(self, data: bytes) -> bytes:
@@ -369,7 +402,7 @@ class Responder:
         this is the same as :meth:`write` minus the await and a copy, for fan-out to many
         streams. Raises PeerClosed when the peer is gone.
         """
-        if not data:
+        if not data or self.head_only:
             return b""
         framed = b"%x\r\n%b\r\n" % (len(data), data)
         stream = self._wire.stream
@@ -560,6 +593,10 @@ async def _read_request(
         head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
         if head_size > limits.max_head:
             raise ProtocolViolation("request header fields too large", 431)
+        if wire.conn.they_are_waiting_for_100_continue:  # refuse a body before it is sent
+            declared = find_header(event.headers, "content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limits.max_body:
+                raise BodyTooLarge(f"body larger than {limits.max_body} bytes")
         body = await wire.read_body(limits.max_body, deadline)
     except trio.TooSlowError as exc:
         raise Deadline("request not received in time") from exc
@@ -601,6 +638,7 @@ async def serve_connection(
                     request = await _read_request(wire, limits, peer, waiting)
                     if request is None:
                         break
+                    responder.head_only = request.method == "HEAD"
                     await handler(request, responder)
                 except PeerClosed:
                     break

@@ -28,7 +28,7 @@ from imdsd.api.context import ApiContext
 from imdsd.api.lines import FrameLines
 from imdsd.api.metrics import Metrics
 from imdsd.api.routes import ApproveCall, EventsCall, Reply, Router, WatchCall, error, json_reply
-from imdsd.api.watch import Watchers
+from imdsd.api.watch import JSON_HEADERS, NDJSON_HEADERS, Watchers
 from imdsd.config import ServerConfig
 from imdsd.frames import ChangeFrame
 from imdsd.httpio import (
@@ -230,12 +230,24 @@ class ApiServer:
         await self.http.serve(listeners, task_status=task_status)
 
     async def handle(self, request: Request, responder: Responder) -> None:
-        """Answer one request (the :class:`imdsd.httpio.HttpServer` handler)."""
+        """Answer one request (the :class:`imdsd.httpio.HttpServer` handler).
+
+        HEAD is answered as GET (httpio sends no body); for a watch stream or a long poll,
+        with the head of its answer at once.
+        """
+        head = request.method == "HEAD"
         outcome = self.router.route_target(
-            request.method, request.target, request.header("if-none-match"), request.peer
+            "GET" if head else request.method,
+            request.target,
+            request.header("if-none-match"),
+            request.peer,
         )
         if isinstance(outcome, Reply):
             await responder.send(outcome.status, outcome.headers, outcome.body)
+        elif head and isinstance(outcome, WatchCall | EventsCall):
+            streamed = isinstance(outcome, WatchCall)
+            await responder.start(200, NDJSON_HEADERS if streamed else JSON_HEADERS)
+            await responder.end()
         elif isinstance(outcome, WatchCall):
             await self.watchers.stream(outcome, responder)
         elif isinstance(outcome, EventsCall):

@@ -139,10 +139,9 @@ class Emulator:
     async def _handle(self, request: Request, responder: Responder) -> None:
         stream = request.peer  # the connection's stream (peer_info above)
         path = request.path
+        method = "GET" if request.method == "HEAD" else request.method  # httpio drops the body
         if is_control_path(path):
-            answer = self.control.handle(
-                request.method, path, request.body, now_wall=self.now_wall()
-            )
+            answer = self.control.handle(method, path, request.body, now_wall=self.now_wall())
             await responder.send(answer.status, answer.header_list(), answer.body)
             return
         self.state.stats.arrived(path, trio.current_time())
@@ -163,7 +162,7 @@ class Emulator:
         answer = answer_imds(
             self.state,
             self.rules,
-            method=request.method,
+            method=method,
             target=request.target,
             headers=headers,
             body=request.body,
