@@ -309,3 +309,21 @@ async def test_curl(kind: str, tmp_path: Path) -> None:
             assert code == 0, out
             assert out.startswith("HTTP/1.1 304")
             assert "content-length" not in out.lower()
+
+
+@pytest.mark.parametrize(
+    ("target", "content_type"),
+    [
+        ("/v1/watch", "application/x-ndjson"),
+        ("/v1/events?since=0&wait=60s", "application/json"),
+    ],
+)
+async def test_head_of_a_stream_or_long_poll_answers_at_once(
+    target: str, content_type: str, tmp_path: Path
+) -> None:
+    async with serving("api", tmp_path) as server, connection(server) as (stream, reader):
+        await stream.send_all(server.request("HEAD", target) + server.request("GET"))
+        head = await reader.reply("HEAD")
+        assert head.status == 200
+        assert (head.header("content-type") or "").startswith(content_type)
+        assert (await reader.reply()).body == server.value

@@ -508,3 +508,18 @@ async def test_client_skips_a_few_informational_responses() -> None:
         response = await client.request("GET", "/", [("host", "t")], timeout=10)
         assert (response.status, response.body) == (200, b"ok")
         await client.aclose()
+
+
+async def test_a_body_declared_too_large_is_refused_before_100_continue(tmp_path: Path) -> None:
+    async with running(tmp_path, ServerLimits(max_body=10)) as (path, _):
+        head = b"POST / HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 11\r\n\r\n"
+        data = await raw_exchange(path, head)
+        assert data.startswith(b"HTTP/1.1 413 ")
+        assert b"100 Continue" not in data
+        stream = await trio.open_unix_socket(path)
+        await stream.send_all(head.replace(b": 11", b": 10"))
+        with trio.fail_after(5):
+            assert await stream.receive_some(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await stream.send_all(b"x" * 10)
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 OK\r\n")
+        await stream.aclose()
