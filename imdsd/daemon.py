@@ -43,6 +43,7 @@ from imdsd.metrics_server import MetricsServer, addresses, open_metrics_listener
 from imdsd.model import Snapshot
 from imdsd.persist import PersistError
 from imdsd.poller import run_pollers
+from imdsd.redirect_daemon import RedirectControl
 from imdsd.store import format_timestamp
 from imdsd.systemd import Notifier, SystemdError, listen_fds
 from imdsd.upstream.budget import Budget
@@ -170,6 +171,8 @@ class Daemon:
                 policy=lambda: self.api.policy,
                 metrics=self.metrics,
             )
+        self.redirect = RedirectControl(config.front.redirect and self.front is not None)
+        self._front_listeners: Sequence[trio.SocketListener] = ()
         self.serving = False
         self.pollers_alive = False
         self._pollers_scope = trio.CancelScope()
@@ -208,6 +211,7 @@ class Daemon:
         doc.update(self.client.status())
         if self.front is not None:
             doc.update(front=self.front.status(), callers=self.front.callers())
+            doc.update(redirect=self.redirect.status())
         return doc
 
     def status_line(self) -> str:
@@ -227,6 +231,8 @@ class Daemon:
             self.config.metrics.listen, self.metrics_inherited
         )
         front_listeners = await open_front_listeners(self.config.front.listen, self.front_inherited)
+        self._front_listeners = front_listeners
+        await self.redirect.clear_stale()  # fail-open: no rules until this instance is ready
         self._probe_path = _unix_path(listeners[0].socket)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._handle_signals)
@@ -243,6 +249,7 @@ class Daemon:
             if await self._ready_or_stopped():
                 log.info("ready", revision=self.keeper.revision, socket=self._probe_path)
                 self.notifier.ready(self.status_line())
+                await self.redirect.install(front_listeners)
                 task_status.started()
                 nursery.start_soon(self._report_status)
                 if self.notifier.watchdog_interval:
@@ -295,6 +302,7 @@ class Daemon:
     async def _shutdown(self, api_scope: trio.CancelScope) -> None:
         self.notifier.stopping("stopping")
         log.info("stopping", revision=self.keeper.revision)
+        await self.redirect.remove()  # before the front stops: agents go straight to IMDS
         self._pollers_scope.cancel()
         self.keeper.broadcaster.close()  # watch streams end with a final bookmark
         with trio.move_on_after(WATCHERS_DRAIN):
@@ -337,6 +345,7 @@ class Daemon:
             log.warning("setting needs a restart to apply", key="front.listen")
         if self.front is not None:
             self.front.reconfigure(new.front)
+            await self.redirect.reconfigure(new.front.redirect, self._front_listeners)
         if old.imds != new.imds or old.poll != new.poll:
             old_client = self.client
             self.budget.set_rate(new.imds.max_requests_per_second)  # the window carries over
