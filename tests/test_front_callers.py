@@ -1,0 +1,153 @@
+"""Who is calling: /proc/net/tcp parsing (sans-IO) and real loopback connections."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from imdsd.front.callers import (
+    UNKNOWN,
+    Caller,
+    CallerStats,
+    Resolver,
+    SocketEntry,
+    find_peer_socket,
+    parse_address,
+    parse_table,
+)
+
+TABLE = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1
+   1: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 222 1
+   2: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 333 1
+   3: garbage
+"""
+
+
+def test_parse_address_forms() -> None:
+    assert parse_address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert parse_address("FEA9FEA9:0050") == ("169.254.169.254", 80)
+    assert parse_address("00000000000000000000000001000000:0050") == ("::1", 80)
+    assert parse_address("0000000000000000FFFF00000100007F:0050") == ("127.0.0.1", 80)
+
+
+def test_parse_table_and_find_the_clients_socket() -> None:
+    entries = parse_table(TABLE)
+    assert len(entries) == 3
+    assert entries[1] == SocketEntry(("127.0.0.1", 54321), ("127.0.0.1", 8080), 1, 1000, 222)
+    found = find_peer_socket(entries, ("127.0.0.1", 54321), ("127.0.0.1", 8080))
+    assert found is not None
+    assert (found.uid, found.inode) == (1000, 222)
+    mapped = find_peer_socket(entries, ("::ffff:127.0.0.1", 54321), ("::ffff:127.0.0.1", 8080))
+    assert mapped == found
+    assert find_peer_socket(entries, ("127.0.0.1", 1), ("127.0.0.1", 8080)) is None
+
+
+def test_a_redirected_connection_is_found_by_the_clients_address() -> None:
+    # the agent's socket still names IMDS as its remote end; the front sees its own address
+    redirected = [
+        SocketEntry(("10.0.0.4", 40000), ("169.254.169.254", 80), 1, 0, 444),
+        SocketEntry(("127.0.0.1", 8169), ("10.0.0.4", 40000), 1, 0, 555),
+    ]
+    found = find_peer_socket(redirected, ("10.0.0.4", 40000), ("127.0.0.1", 8169))
+    assert found is not None
+    assert found.inode == 444
+
+
+def test_caller_stats_rank_and_bound() -> None:
+    stats = CallerStats(capacity=2)
+    a, b, c = Caller(0, 0, 1, "a"), Caller(1000, 1000, 2, "b"), Caller(1001, 1001, 3, "c")
+    for _ in range(3):
+        stats.counts(a).requests += 1
+    stats.counts(b).requests += 1
+    assert [row["command"] for row in stats.top()] == ["a", "b"]
+    stats.counts(a)
+    stats.counts(c).requests += 5  # b was the least recently seen
+    assert [row["command"] for row in stats.top()] == ["c", "a"]
+    assert stats.top(1) == [
+        {"uid": 1001, "pid": 3, "command": "c", "requests": 5, "cached": 0, "forwarded": 0,
+         "queued": 0, "refused": 0},
+    ]  # fmt: skip
+
+
+@contextmanager
+def _listener(family: int = socket.AF_INET) -> Iterator[socket.socket]:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.bind((host, 0))
+    server.listen(8)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_connection_from_this_process(family: int) -> None:
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    with _listener(family) as server:
+        client = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            client.connect(server.getsockname()[:2])
+        except OSError as exc:
+            client.close()
+            pytest.skip(f"cannot connect over {family!r}: {exc}")
+        accepted, peer = server.accept()
+        with client, accepted:
+            caller = Resolver().resolve(peer[:2], accepted.getsockname()[:2])
+    assert caller == Caller(os.geteuid(), os.getegid(), os.getpid(), _comm(os.getpid()))
+
+
+CHILD = "import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1]))); sys.stdin.read()"  # noqa: E501
+
+
+def _resolve_child(executable: str, **popen: object) -> tuple[Caller, int, str]:
+    with _listener() as server:
+        port = server.getsockname()[1]
+        argv = [executable, "-c", CHILD, str(port)]
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, **popen)  # type: ignore[call-overload]
+        try:
+            accepted, peer = server.accept()
+            with accepted:
+                resolver = Resolver()
+                caller = resolver.resolve(peer, accepted.getsockname())
+                again = resolver.resolve(peer, accepted.getsockname())
+                assert again == caller
+                assert resolver.scans == 1  # the second lookup found the pid among recent ones
+                command = _comm(child.pid)
+        finally:
+            child.communicate(b"", timeout=10)
+    return caller, child.pid, command
+
+
+def test_a_connection_from_a_child_process() -> None:
+    caller, pid, command = _resolve_child(sys.executable)
+    assert caller == Caller(os.geteuid(), os.getegid(), pid, command)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another uid")
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"no {SYSTEM_PYTHON}")
+def test_a_child_of_another_uid() -> None:
+    caller, pid, command = _resolve_child(SYSTEM_PYTHON, user=65534, group=65534, cwd="/")
+    assert caller == Caller(65534, 65534, pid, command)
+
+
+def test_an_unknown_peer() -> None:
+    assert Resolver().resolve(("127.0.0.1", 1), ("127.0.0.1", 2)) == UNKNOWN
+    assert Resolver(proc="/nonexistent").resolve(("127.0.0.1", 1), None) == UNKNOWN

@@ -1,0 +1,208 @@
+"""The front in an in-process daemon against the emulator: agents get IMDS's own answers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+from daemon_support import emulator, write_config
+from emulator_support import Emulator
+
+from imdsd import httpio
+from imdsd.config import load_config
+from imdsd.daemon import Daemon
+
+MD = ("Metadata", "true")
+EVENT = {"EventType": "Reboot", "EventId": "E1", "Description": "maintenance",
+         "EventSource": "Platform", "DurationInSeconds": 300}  # fmt: skip
+_IGNORED = {b"date", b"server", b"content-length", b"connection"}
+
+
+@asynccontextmanager
+async def front_daemon(tmp: Path, emu: Emulator, extra: str = "") -> AsyncIterator[Daemon]:
+    """A daemon polling ``emu`` with its front on an inherited loopback socket."""
+    config = write_config(tmp, emu.url, extra, loadbalancer="60s")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    daemon = Daemon(load_config(str(config)), str(config), front_inherited=[listener])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        yield daemon
+        daemon.stop()
+
+
+def front_port(daemon: Daemon) -> int:
+    assert daemon.front is not None
+    return int(daemon.front.listening[0].rpartition(":")[2])
+
+
+async def call(
+    port: int, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b""
+) -> httpio.Response:
+    conn = httpio.ClientConnection(await httpio.open_tcp("127.0.0.1", port, 5))
+    try:
+        all_headers = [("Host", "169.254.169.254"), *headers]
+        return await conn.request(method, target, all_headers, body, timeout=10)
+    finally:
+        await conn.aclose()
+
+
+def visible_headers(response: httpio.Response) -> set[bytes]:
+    """Header names an agent sees, apart from X-Imdsd-* and per-connection ones."""
+    return {k for k, _ in response.headers if k not in _IGNORED and not k.startswith(b"x-imdsd-")}
+
+
+def imdsd_headers(response: httpio.Response) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in response.headers if k.startswith(b"x-imdsd-")}
+
+
+V = "api-version"
+TOKEN = "/metadata/identity/oauth2/token?api-version=2018-02-01"
+TABLE: list[tuple[str, str, list[tuple[str, str]], str]] = [
+    ("GET", f"/metadata/instance?{V}=2023-11-15", [MD], "cache"),
+    ("GET", f"/metadata/instance?{V}=2021-02-01", [MD], "cache"),
+    ("GET", f"/metadata/instance?{V}=2019-06-04&format=json", [MD], "cache"),
+    ("GET", f"/metadata/instance?{V}=2017-08-01&format=text", [MD], "cache"),
+    ("GET", f"/metadata/instance/compute?{V}=2018-10-01", [MD], "cache"),
+    ("GET", f"/metadata/instance/compute/vmId?{V}=2017-08-01&format=text", [MD], "cache"),
+    ("GET", f"/metadata/instance/compute/vmId?{V}=2017-08-01", [MD], "cache"),
+    ("GET", f"/metadata/instance/compute/tagsList?{V}=2019-06-01", [MD], "cache"),
+    ("GET", f"/metadata/instance/network/interface/9?{V}=2021-02-01", [MD], "cache"),
+    ("GET", f"/metadata/instance/network/interface/0?{V}=2021-02-01&format=xml", [MD], "cache"),
+    ("GET", f"/metadata/instance/network?{V}=2021-02-01&format=text", [MD], "cache"),
+    ("GET", "/metadata/versions", [MD], "cache"),
+    ("GET", f"/metadata/scheduledevents?{V}=2020-07-01", [MD], "cache"),
+    ("GET", f"/metadata/scheduledevents?{V}=2019-01-01", [MD], "cache"),
+    ("GET", f"/metadata/loadbalancer?{V}=2020-10-01", [MD], "cache"),
+    ("GET", f"/metadata/instance?{V}=2021-02-01", [], "front"),
+    ("GET", f"/metadata/instance?{V}=2021-02-01", [("Metadata", "false")], "front"),
+    ("GET", f"/metadata/instance?{V}=2021-02-01", [MD, ("X-Forwarded-For", "10.1.1.1")], "front"),
+    ("GET", "/metadata/instance", [MD], "front"),
+    ("GET", "/metadata/scheduledevents", [MD], "front"),
+    ("GET", f"/metadata/instance?{V}=2021-02-01&{V}=2021-02-01", [MD], "front"),
+    ("POST", f"/metadata/instance?{V}=2021-02-01", [MD], "front"),
+    ("PUT", f"/metadata/scheduledevents?{V}=2020-07-01", [MD], "front"),
+    ("GET", f"/metadata/instance?{V}=2016-01-01", [MD], "upstream"),
+    ("GET", f"/metadata/instance?{V}=2099-01-01", [MD], "upstream"),
+    ("GET", f"/metadata/scheduledevents?{V}=2021-02-01", [MD], "upstream"),
+    ("GET", f"/metadata/nothing/here?{V}=2021-02-01", [MD], "upstream"),
+    ("GET", f"/metadata/identity/oauth2/token?{V}=2018-02-01", [MD], "upstream"),
+    ("GET", f"{TOKEN}&resource=r&client_id=nope", [MD], "upstream"),
+    ("POST", f"/metadata/identity/oauth2/token?{V}=2018-02-01&resource=r", [MD], "upstream"),
+]
+
+
+async def test_agents_get_the_answers_imds_gives(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu:
+        await emu.control("POST", "scheduled-events", EVENT)
+        async with front_daemon(tmp_path, emu) as daemon:
+            port = front_port(daemon)
+            with trio.fail_after(10):
+                while (snapshot := daemon.keeper.snapshot) is None or (
+                    snapshot.loadbalancer_raw is None
+                ):
+                    await trio.sleep(0.05)
+            for method, target, headers, source in TABLE:
+                ours = await call(port, method, target, headers)
+                theirs = await call(emu.port, method, target, headers)
+                where = f"{method} {target} {headers}"
+                assert ours.status == theirs.status, where
+                assert ours.header("content-type") == theirs.header("content-type"), where
+                assert ours.body == theirs.body, where
+                assert visible_headers(ours) == visible_headers(theirs), where
+                assert imdsd_headers(ours)["x-imdsd-source"] == source, where
+    assert daemon.front is not None
+    assert daemon.front.results["cached"] == sum(1 for *_, s in TABLE if s == "cache")
+
+
+async def test_cached_answers_carry_imdsd_headers_and_count(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        port = front_port(daemon)
+        answer = await call(port, "GET", "/metadata/instance?api-version=2021-02-01", [MD])
+        await call(port, "GET", "/metadata/instance", [MD])
+        await call(port, "GET", "/metadata/attested/document?api-version=2020-09-01", [MD])
+        health = daemon.health()
+        metrics = daemon.metrics.render().decode()
+    extra = imdsd_headers(answer)
+    assert extra["x-imdsd-stale"] == "false"
+    assert int(extra["x-imdsd-revision"]) >= 1
+    assert extra["x-imdsd-fetched-at"].endswith("Z")
+    assert health["front"]["requests"]["cached"] == 1
+    (me,) = health["callers"]
+    assert me == {"uid": os.geteuid(), "pid": os.getpid(), "command": me["command"],
+                  "requests": 3, "cached": 1, "forwarded": 1, "queued": me["queued"],
+                  "refused": 1}  # fmt: skip
+    assert 'imdsd_front_requests_total{result="cached"} 1' in metrics
+    assert 'imdsd_front_requests_total{result="refused"} 1' in metrics
+    assert 'imdsd_front_requests_total{result="forwarded"} 1' in metrics
+
+
+async def test_last_good_answer_served_stale_while_upstream_fails(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        port = front_port(daemon)
+        target = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"
+        fresh = await call(port, "GET", target, [MD])
+        await emu.fault(status=500, count=100_000, path="/metadata/instance")
+        with trio.fail_after(20):
+            while daemon.health()["upstream"]["instance"]["state"] != "stale":
+                await trio.sleep(0.2)
+        stale = await call(port, "GET", target, [MD])
+        assert daemon.front is not None
+        assert daemon.front.results["stale"] == 1
+    assert (stale.status, stale.body) == (fresh.status, fresh.body)
+    assert imdsd_headers(fresh)["x-imdsd-stale"] == "false"
+    assert imdsd_headers(stale)["x-imdsd-stale"] == "true"
+
+
+AGENT = """
+import http.client, sys
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+for path in sys.argv[2:]:
+    conn.request("GET", path, headers={"Metadata": "true"})
+    r = conn.getresponse()
+    print(r.status, r.read().decode())
+"""
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run an agent as another uid")
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"no {SYSTEM_PYTHON}")
+async def test_restricted_paths_by_the_callers_uid(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        port = front_port(daemon)
+        paths = [
+            "/metadata/instance/compute/userData?api-version=2021-02-01&format=text",
+            "/metadata/instance/compute?api-version=2021-02-01",
+        ]
+        root = await call(port, "GET", paths[0], [MD])
+        result = await trio.run_process(
+            [SYSTEM_PYTHON, "-c", AGENT, str(port), *paths],
+            capture_stdout=True,
+            user=65534,
+            group=65534,
+            cwd="/",
+            env={},
+            stderr=subprocess.STDOUT,
+        )
+        assert daemon.front is not None
+        callers = daemon.front.callers()
+    assert root.status == 200
+    denied, whole = result.stdout.decode().splitlines()
+    assert denied.startswith("403 ")
+    status, _, body = whole.partition(" ")
+    compute: dict[str, Any] = msgspec.json.decode(body)
+    assert status == "200"
+    assert "userData" not in compute
+    assert "customData" not in compute
+    assert "vmId" in compute
+    nobody = next(c for c in callers if c["uid"] == 65534)
+    assert (nobody["requests"], nobody["refused"], nobody["cached"]) == (2, 1, 1)
