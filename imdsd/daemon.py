@@ -35,6 +35,7 @@ from imdsd.front.server import FrontServer, open_front_listeners
 from imdsd.health import HealthBoard
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
+from imdsd.hooks.tree import become_subreaper
 from imdsd.httpio import ClientConnection, HttpIOError, open_unix
 from imdsd.keeper import StateKeeper, load_store
 from imdsd.logs import configure_logging
@@ -428,5 +429,7 @@ def run_command(args: argparse.Namespace) -> int:
     except PersistError as exc:
         return fail(str(exc), EXIT_FAILURE)
     finally:
+        # orphans of hooks become our children, so the hook runner can find and reap them
+        daemon.hooks.adopt_orphans = become_subreaper()
         notifier.close()
     return EXIT_OK

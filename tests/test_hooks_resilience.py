@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +92,119 @@ def test_deferred_starts_back_off_without_using_up_attempts() -> None:
     assert schedule.delivered == 0
     schedule.start(now)
     assert schedule.finished(now, Outcome.FAILED).result == "gave-up"  # retries=0
+
+
+ESCAPER = """#!/bin/sh
+trap 'echo term >> {marks}; {on_term}' TERM
+for i in $(seq 20); do
+    setsid sleep 1000 &
+    echo $! >> {pids}
+done
+sleep 1000 &
+wait
+"""
+
+
+def _escaper(tmp_path: Path, on_term: str = "exit 0") -> tuple[str, Path, Path]:
+    """A hook starting 20 ``setsid sleep`` children; it runs ``on_term`` on SIGTERM."""
+    pids, marks = tmp_path / "pids", tmp_path / "marks"
+    script = tmp_path / "escaper"
+    script.write_text(ESCAPER.format(pids=pids, marks=marks, on_term=on_term))
+    script.chmod(0o755)
+    return str(script), pids, marks
+
+
+def _pids(path: Path) -> list[int]:
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that never comes, as in containers, is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def _session(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rfind(b")") + 2 :].split()[3])
+
+
+async def test_children_that_call_setsid_are_killed_at_timeout(tmp_path: Path) -> None:
+    script, pids, marks = _escaper(tmp_path)
+    ledger = FakeLedger()
+    hook = Hook(name="h", kinds=frozenset({"tags"}), command=(script,), timeout=1.0, retries=0)
+    escaped: list[int] = []
+    async with running(_dispatcher([hook], ledger, kill_grace=0.5)):
+        ledger.append(tag("added", "a", new="1"))
+        await until(lambda: len(_pids(pids)) == 20)
+        escaped = _pids(pids)
+        await until(lambda: all(_session(pid) == pid for pid in escaped))  # out of the group
+        await until(lambda: ledger.delivered("h") == 1)
+        assert [pid for pid in escaped if _alive(pid)] == []
+    assert marks.read_text() == "term\n"  # SIGTERM first
+
+
+async def test_shutdown_terms_then_kills_a_running_hook_and_all_its_escaped_children(
+    tmp_path: Path,
+) -> None:
+    script, pids, marks = _escaper(tmp_path, on_term="sleep 1000")
+    ledger = FakeLedger()
+    hook = Hook(name="h", kinds=frozenset({"tags"}), command=(script,), timeout=60.0)
+    dispatcher = _dispatcher([hook], ledger, kill_grace=0.5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        ledger.append(tag("added", "a", new="1"))
+        await until(lambda: len(_pids(pids)) == 20)
+        with trio.fail_after(0.1 + 3 * 0.5 + 1.0):  # the whole shutdown is bounded
+            assert not await dispatcher.shutdown(0.1)
+    assert marks.read_text() == "term\n"  # asked to stop first, then killed (it ignored it)
+    assert [pid for pid in _pids(pids) if _alive(pid)] == []
+    assert ledger.delivered("h") == 0  # undelivered: it runs again after the next start
+
+
+SUBREAPER = """
+import os, subprocess, sys, time, trio
+from imdsd.hooks.runner import sweep_orphans
+from imdsd.hooks.tree import become_subreaper
+
+assert become_subreaper()
+pidfile = sys.argv[1]
+# a double fork: the middle process exits at once, the grandchild is orphaned
+helper = subprocess.Popen(["sleep", "1000"])  # in our session: not a hook's, spared
+subprocess.run(["/bin/sh", "-c", f"(setsid sleep 1000 & echo $! > {pidfile}) &"], check=True)
+while True:  # until the grandchild is an orphan, adopted by this process
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/stat") as f:
+            if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                break
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.01)
+found = trio.run(sweep_orphans, 0.5)
+assert helper.poll() is None
+helper.kill()
+helper.wait()
+print(found)
+"""
+
+
+def test_a_subreaper_daemon_kills_leftovers_that_escaped_the_tree(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    done = subprocess.run(
+        [sys.executable, "-c", SUBREAPER, str(pidfile)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert int(done.stdout.split()[-1]) == 1, done.stderr
+    [pid] = _pids(pidfile)
+    assert not os.path.exists(f"/proc/{pid}")  # killed and reaped by the subreaper

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from datetime import UTC, datetime
 
 import structlog
 import trio
@@ -22,6 +21,7 @@ from imdsd.frames import KINDS, encode_line
 from imdsd.hooks.access import frame_for_hook
 from imdsd.hooks.ledger import HookLedger, WaitForRevision
 from imdsd.hooks.model import Hook
+from imdsd.hooks.report import count_run, log_run, timestamp
 from imdsd.hooks.runner import (
     KILL_GRACE,
     OUTPUT_CAP,
@@ -29,55 +29,24 @@ from imdsd.hooks.runner import (
     RunResult,
     hook_environment,
     run_hook_process,
+    sweep_orphans,
 )
 from imdsd.hooks.schedule import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     Delivery,
     HookSchedule,
-    Outcome,
     Ready,
     Verdict,
     WaitUntil,
 )
 from imdsd.hooks.sources import check_hook_file
 from imdsd.hooks.stats import HookMetrics, HookStatus, LastRun
+from imdsd.hooks.workers import Lane, Worker
 
 log = structlog.get_logger("imdsd.hooks")
 
 _SPURIOUS_WAKE_PAUSE = 0.1
-
-
-def _timestamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class _Lane:
-    """The hooks of one ``<kind>.d/`` directory, run by one task in lexical order."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.wake = trio.Event()
-        self.started = False
-        self.current: _Worker | None = None
-
-
-class _Worker:
-    """One hook's state: its schedule, wake-up event, lane (directory hooks) and last run."""
-
-    def __init__(self, schedule: HookSchedule, lane: _Lane | None = None) -> None:
-        self.schedule = schedule
-        self.lane = lane
-        self.wake = trio.Event()
-        self.scope = trio.CancelScope()
-        self.removed = False
-        self.started = False
-        self.last_run: LastRun | None = None
-
-    def poke(self) -> None:
-        self.wake.set()
-        if self.lane is not None:
-            self.lane.wake.set()
 
 
 class HookDispatcher:
@@ -119,8 +88,12 @@ class HookDispatcher:
         self._egid = os.getegid()
         self.policy = policy or AccessPolicy()
         """The socket's access policy, applied to each run's frame (replace it on reload)."""
-        self._workers: dict[str, _Worker] = {}
-        self._lanes: dict[str, _Lane] = {}
+        self.adopt_orphans = False
+        """Set when this process is a child subreaper starting no processes but hooks: then
+        whatever is below it once no hook runs is a hook's leftover, and is killed."""
+        self._sweeping = False
+        self._workers: dict[str, Worker] = {}
+        self._lanes: dict[str, Lane] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._done = trio.Event()
@@ -175,7 +148,7 @@ class HookDispatcher:
             worker.poke()
         self._ledger.forget_hooks(wanted)
 
-    def _remove(self, worker: _Worker) -> None:
+    def _remove(self, worker: Worker) -> None:
         """Stop following ``worker``'s hook; a running process finishes first."""
         worker.removed = True
         name = worker.schedule.hook.name
@@ -185,7 +158,7 @@ class HookDispatcher:
         elif worker.lane is None and not worker.schedule.running:
             worker.scope.cancel()
 
-    def _forget_removed(self, worker: _Worker) -> None:
+    def _forget_removed(self, worker: Worker) -> None:
         name = worker.schedule.hook.name
         if worker.removed and self._workers.get(name) is worker:
             del self._workers[name]
@@ -195,8 +168,8 @@ class HookDispatcher:
             hook, self._ledger, backoff_base=self._backoff[0], backoff_cap=self._backoff[1]
         )
         kind = hook.directory_kind
-        lane = None if kind is None else self._lanes.setdefault(kind, _Lane(kind))
-        worker = _Worker(schedule, lane)
+        lane = None if kind is None else self._lanes.setdefault(kind, Lane(kind))
+        worker = Worker(schedule, lane)
         self._workers[hook.name] = worker
         self.metrics.of(hook.name)
         if schedule.fresh:
@@ -204,20 +177,20 @@ class HookDispatcher:
         if self._nursery is not None:
             self._start(worker, self._nursery)
 
-    def _revive(self, worker: _Worker) -> _Worker:
+    def _revive(self, worker: Worker) -> Worker:
         """A removed hook that is back before its task ended keeps its schedule."""
         worker.schedule.remark()
         if not worker.scope.cancel_called:
             worker.removed = False
             return worker
-        revived = _Worker(worker.schedule, worker.lane)
+        revived = Worker(worker.schedule, worker.lane)
         revived.last_run = worker.last_run
         self._workers[worker.schedule.hook.name] = revived
         if self._nursery is not None:
             self._start(revived, self._nursery)
         return revived
 
-    def _start(self, worker: _Worker, nursery: trio.Nursery) -> None:
+    def _start(self, worker: Worker, nursery: trio.Nursery) -> None:
         if worker.started:
             return
         worker.started = True
@@ -260,6 +233,9 @@ class HookDispatcher:
         self._cancel.cancel()
         if any(w.started for w in self._workers.values()):
             await self._done.wait()
+        if self.adopt_orphans:
+            with trio.CancelScope(shield=True):
+                clean = not await sweep_orphans(self._kill_grace) and clean
         return clean
 
     def status(self) -> list[HookStatus]:
@@ -305,7 +281,7 @@ class HookDispatcher:
                 worker.schedule.revision_advanced(now)
                 worker.poke()
 
-    async def _serve(self, worker: _Worker) -> None:
+    async def _serve(self, worker: Worker) -> None:
         with worker.scope:
             while not worker.removed:
                 try:
@@ -316,12 +292,12 @@ class HookDispatcher:
                     await trio.sleep(self._backoff[0])
         self._forget_removed(worker)
 
-    def _members(self, lane: _Lane) -> list[_Worker]:
+    def _members(self, lane: Lane) -> list[Worker]:
         """The lane's hooks in lexical order of their file names."""
         members = [w for w in self._workers.values() if w.lane is lane and not w.removed]
         return sorted(members, key=lambda w: w.schedule.hook.command[0])
 
-    async def _serve_lane(self, lane: _Lane) -> None:
+    async def _serve_lane(self, lane: Lane) -> None:
         while True:
             lane.current = None
             try:
@@ -334,7 +310,7 @@ class HookDispatcher:
                 log.exception("hook worker error", hook=name)
                 await trio.sleep(self._backoff[0])
 
-    async def _lane_step(self, lane: _Lane) -> None:
+    async def _lane_step(self, lane: Lane) -> None:
         """Run one pass over the lane when a hook is due, else wait for the earliest one.
 
         In a pass each due hook runs after the previous one ended; a failed hook does not stop
@@ -362,7 +338,7 @@ class HookDispatcher:
                 await self._deliver(worker)
             self._forget_removed(worker)
 
-    async def _step(self, worker: _Worker) -> None:
+    async def _step(self, worker: Worker) -> None:
         """Do what the schedule says next: run, wait for a deadline, or wait for a change."""
         worker.wake = trio.Event()
         action = None if self._stopping else worker.schedule.next_action(trio.current_time())
@@ -374,7 +350,7 @@ class HookDispatcher:
         else:
             await worker.wake.wait()
 
-    async def _deliver(self, worker: _Worker) -> None:
+    async def _deliver(self, worker: Worker) -> None:
         async with self._limiter:
             if self._stopping or worker.removed:
                 return
@@ -402,6 +378,16 @@ class HookDispatcher:
                 self._run_ended.set()
                 self._run_ended = trio.Event()
         self._record(worker, hook, delivery, result)
+        if self.adopt_orphans and not self._running and not self._sweeping:
+            assert self._nursery is not None
+            self._sweeping = True
+            self._nursery.start_soon(self._sweep)
+
+    async def _sweep(self) -> None:
+        try:
+            await sweep_orphans(self._kill_grace)
+        finally:
+            self._sweeping = False
 
     async def _attempt(self, hook: Hook, delivery: Delivery) -> RunResult:
         assert delivery.frame is not None
@@ -423,22 +409,9 @@ class HookDispatcher:
             read_tail=self._read_tail,
         )
 
-    def _record(self, worker: _Worker, hook: Hook, delivery: Delivery, result: RunResult) -> None:
+    def _record(self, worker: Worker, hook: Hook, delivery: Delivery, result: RunResult) -> None:
         counters = self.metrics.of(hook.name)
-        counters.runs += 1
-        counters.duration_sum += result.duration
-        counters.duration_count += 1
-        if result.deferred:
-            counters.failures += 1
-            outcome = Outcome.NOT_STARTED
-        elif result.timed_out:
-            counters.timeouts += 1
-            outcome = Outcome.TIMEOUT
-        elif not result.ok:
-            counters.failures += 1
-            outcome = Outcome.FAILED
-        else:
-            outcome = Outcome.OK
+        outcome = count_run(counters, result)
         if worker.removed:
             worker.schedule.abandon()
             verdict = Verdict(result=outcome.value, attempts=delivery.attempt)
@@ -447,44 +420,9 @@ class HookDispatcher:
         if verdict.result == "gave-up":
             counters.give_ups += 1
         worker.last_run = LastRun(
-            at=_timestamp(),
+            at=timestamp(),
             result=verdict.result,
             exit_code=result.exit_code,
             duration=round(result.duration, 6),
         )
-        _log_run(hook, delivery, result, outcome, verdict)
-
-
-def _log_run(
-    hook: Hook, delivery: Delivery, result: RunResult, outcome: Outcome, verdict: Verdict
-) -> None:
-    """One log event per attempt, with its output, exit status and duration."""
-    frame = delivery.frame
-    assert frame is not None
-    fields: dict[str, object] = {
-        "hook": hook.name,
-        "revision": frame.revision,
-        "attempt": delivery.attempt,
-        "result": outcome.value,
-        "exit_code": result.exit_code,
-        "duration": round(result.duration, 3),
-    }
-    if frame.covers is not None:
-        fields["covers"] = frame.covers
-    if result.output:
-        fields["output"] = result.output.decode("utf-8", "replace").rstrip("\n")
-    if result.dropped:
-        fields["output_dropped"] = result.dropped
-    if result.leftovers:
-        fields["leftovers_killed"] = True
-    if result.error is not None:
-        fields["error"] = result.error
-    if verdict.result == "gave-up":
-        log.error("hook gave up", retries=hook.retries, **fields)
-    elif outcome is Outcome.OK:
-        log.info("hook finished", **fields)
-    else:
-        retry_in = None if verdict.retry_at is None else verdict.retry_at - trio.current_time()
-        log.warning(
-            "hook failed", retry_in=None if retry_in is None else round(retry_in, 3), **fields
-        )
+        log_run(hook, delivery, result, outcome, verdict)

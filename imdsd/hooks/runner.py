@@ -1,10 +1,13 @@
 """Running one hook process (trio shell): no shell, clean env, own process group, bounded.
 
-The process gets its own session (so its process group id is its pid). On timeout the whole
-group gets SIGTERM, then SIGKILL after a grace period. Processes a hook leaves behind in its
-group after it exits are cleaned up the same way, so a run never outlives itself. Output
-(stdout and stderr merged) is kept up to a cap and the rest drained, and reading stops shortly
-after the group is gone even if an escaped process still holds the pipe.
+The process gets its own session (so its process group id is its pid), and its process tree is
+followed while it runs (:mod:`imdsd.hooks.tree`), so children that call ``setsid`` are not
+lost. On timeout, and when the run is cancelled (shutdown), the group and the tree get
+SIGTERM, then SIGKILL after a grace period, repeated until nothing is left; every wait is
+bounded. Processes a hook leaves behind after it exits are cleaned up the same way, so a run
+never outlives itself. Output (stdout and stderr merged) is kept up to a cap and the rest
+drained, and reading stops shortly after the processes are gone even if one still holds the
+pipe.
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
+import structlog
 import trio
 
 from imdsd.frames import KINDS, ChangeFrame
 from imdsd.hooks.model import RunAs
+from imdsd.hooks.tree import ProcessTree
+
+log = structlog.get_logger("imdsd.hooks")
 
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_CAP = 64 * 1024
 KILL_GRACE = 5.0
 READ_TAIL = 1.0
 _POLL = 0.02
+TRACK = 0.02
 DEFERRED_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS, errno.EINTR}
 )
@@ -112,21 +120,76 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-async def _wait_group_gone(proc: trio.Process, pgid: int) -> None:
-    await proc.wait()
-    while group_alive(pgid):  # noqa: ASYNC110 - nothing signals a process group emptying
-        await trio.sleep(_POLL)
+class _Processes:
+    """A run's processes: the hook, its process group, and its whole tree (setsid escapees).
+
+    Without ``proc``, just the processes of ``tree``.
+    """
+
+    def __init__(self, proc: trio.Process | None, tree: ProcessTree) -> None:
+        self.proc = proc
+        self.tree = tree
+
+    def _group_alive(self) -> bool:
+        if self.proc is None:
+            return False
+        return self.proc.returncode is None or group_alive(self.proc.pid)
+
+    def alive(self) -> bool:
+        """True while the hook, a member of its group or a process of its tree is alive."""
+        self.tree.observe()
+        return self._group_alive() or bool(self.tree.live())
+
+    def send(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the group and to every process of the tree."""
+        self.tree.observe()
+        if self.proc is not None and self._group_alive():
+            _signal_group(self.proc.pid, sig)
+        self.tree.signal(sig)
+
+    async def track(self) -> None:
+        """Look at the tree every ``TRACK`` seconds, so children are known before they escape."""
+        while True:
+            self.tree.observe()
+            await trio.sleep(TRACK)
+
+    async def _gone(self, resend: signal.Signals | None) -> None:
+        while self.alive():
+            if resend is not None:
+                self.send(resend)  # new children of dying processes get it too
+            await trio.sleep(_POLL)
+
+    async def terminate(self, grace: float) -> bool:
+        """SIGTERM everything, SIGKILL (repeatedly) what is left after ``grace`` seconds.
+
+        Returns False when something still lives ``grace`` seconds after the first SIGKILL.
+        """
+        self.send(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await self._gone(None)
+            return True
+        self.send(signal.SIGKILL)
+        with trio.move_on_after(grace):
+            await self._gone(signal.SIGKILL)
+            return True
+        return False
 
 
-async def _terminate_group(proc: trio.Process, pgid: int, grace: float) -> None:
-    """SIGTERM the group, SIGKILL it if anything is still alive ``grace`` seconds later."""
-    _signal_group(pgid, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        await _wait_group_gone(proc, pgid)
-        return
-    _signal_group(pgid, signal.SIGKILL)
-    with trio.move_on_after(grace):
-        await _wait_group_gone(proc, pgid)
+async def sweep_orphans(kill_grace: float = KILL_GRACE) -> int:
+    """Terminate what hooks left below this process (SIGTERM, then SIGKILL) and reap it.
+
+    For a daemon that is a child subreaper (:func:`imdsd.hooks.tree.become_subreaper`): while
+    no hook runs, every process below it in another session than its own is something a
+    hook left behind that escaped its run's tree. Its own helpers (in its session) and
+    processes started after the call are spared. Returns how many processes were found.
+    """
+    tree = ProcessTree.below(os.getpid())
+    found = len(tree.live())
+    if found:
+        log.warning("hook leftovers killed", pids=tree.live())
+        await _Processes(None, tree).terminate(kill_grace)
+    tree.reap()
+    return found
 
 
 class _Output:
@@ -172,9 +235,11 @@ async def run_hook_process(
 ) -> RunResult:
     """Run ``argv`` (never through a shell) with ``stdin`` and exactly ``env``, cwd ``/``.
 
-    If cancelled (shutdown), the process group is killed before the cancellation propagates.
-    When this returns or raises, no process of the group is alive (barring one that survives
-    SIGKILL for longer than ``kill_grace``, e.g. stuck in the kernel).
+    If cancelled (shutdown), the group and tree get SIGTERM, then SIGKILL ``kill_grace`` s
+    later, before the cancellation propagates (after at most about ``3 * kill_grace`` s).
+    When this returns or raises, no process of the group or the tree is alive (barring one
+    that survives SIGKILL for longer than ``kill_grace``, e.g. stuck in the kernel, which is
+    logged; or one that escaped the tree, see :mod:`imdsd.hooks.tree`).
     """
     start = trio.current_time()
     try:
@@ -199,7 +264,7 @@ async def run_hook_process(
             error=f"cannot start {argv[0]!r}: {exc}",
             start_errno=exc.errno if isinstance(exc, OSError) else None,
         )
-    pgid = proc.pid
+    processes = _Processes(proc, ProcessTree(proc.pid))
     output = _Output(output_cap)
     timed_out = False
     leftovers = False
@@ -209,23 +274,28 @@ async def run_hook_process(
             assert proc.stdout is not None
             nursery.start_soon(_feed, proc.stdin, stdin)
             nursery.start_soon(output.collect, proc.stdout)
+            nursery.start_soon(processes.track)
             with trio.move_on_after(timeout) as waiting:
                 await proc.wait()
             timed_out = waiting.cancelled_caught
-            leftovers = not timed_out and group_alive(pgid)
+            leftovers = not timed_out and processes.alive()
             if timed_out or leftovers:
-                await _terminate_group(proc, pgid, kill_grace)
+                await processes.terminate(kill_grace)
             duration = trio.current_time() - start
             with trio.move_on_after(read_tail):
                 await output.done.wait()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            if proc.returncode is None or group_alive(pgid):
-                _signal_group(pgid, signal.SIGKILL)
-                with trio.move_on_after(kill_grace):
-                    await _wait_group_gone(proc, pgid)
-            await proc.wait()
+            if processes.alive() and not await processes.terminate(kill_grace):
+                log.warning(
+                    "hook processes survive SIGKILL",
+                    pid=proc.pid,
+                    survivors=processes.tree.live() or [proc.pid],
+                )
+            with trio.move_on_after(kill_grace):
+                await proc.wait()
+            processes.tree.reap()
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
                     await stream.aclose()
@@ -236,5 +306,5 @@ async def run_hook_process(
         output=bytes(output.data),
         dropped=output.dropped,
         leftovers=leftovers,
-        pid=pgid,
+        pid=proc.pid,
     )
