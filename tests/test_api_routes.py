@@ -26,6 +26,7 @@ from imdsd.api.routes import (
     Reply,
     Router,
     WatchCall,
+    body_etag,
     etag_matches,
     parse_kinds,
     parse_wait,
@@ -100,26 +101,35 @@ def test_route_filtering_shapes(router: Router) -> None:
 
 def test_cached_read_headers(router: Router) -> None:
     r = reply(router, "/metadata/instance/compute/tags?format=text")
-    assert header(r, "etag") == '"1"'
+    assert header(r, "etag") == body_etag(r.body).decode()
     assert header(r, "x-imdsd-revision") == "1"
     assert header(r, "x-imdsd-fetched-at") == "2023-11-14T22:13:20.000Z"
     assert header(r, "x-imdsd-stale") == "false"
 
 
-@pytest.mark.parametrize("inm", ['"1"', 'W/"1"', '"0", W/"1"', "*", ' "7" ,"1" '])
+@pytest.mark.parametrize("inm", ["{}", "W/{}", '"0", W/{}', "*", ' "7" ,{} '])
 def test_if_none_match_gives_304(router: Router, inm: str) -> None:
-    r = reply(router, "/metadata/instance/compute/tags", inm=inm)
-    assert r.status == 304
-    assert r.body == b""
-    assert header(r, "etag") == '"1"'
-    for target in ("/metadata/scheduledevents", "/metadata/loadbalancer", "/v1/state"):
-        assert reply(router, target, inm=inm).status == 304
+    for target in (
+        "/metadata/instance/compute/tags",
+        "/metadata/scheduledevents",
+        "/metadata/loadbalancer",
+        "/v1/state",
+        "/metadata/versions",
+    ):
+        etag = header(reply(router, target), "etag")
+        assert etag is not None
+        r = reply(router, target, inm=inm.format(etag))
+        assert r.status == 304
+        assert r.body == b""
+        assert header(r, "etag") == etag
+        assert header(r, "x-imdsd-revision") == "1"
 
 
 def test_other_etag_gives_200(router: Router) -> None:
-    assert reply(router, "/metadata/instance", inm='"2", W/"0"').status == 200
-    assert not etag_matches(None, 1)
-    assert not etag_matches('"11"', 1)
+    assert reply(router, "/metadata/instance", inm='"2", W/"1", "*"').status == 200
+    assert not etag_matches(None, '"1"')
+    assert not etag_matches('"11"', '"1"')
+    assert etag_matches('W/"1"', '"1"')
 
 
 def test_errors(router: Router) -> None:
@@ -187,7 +197,7 @@ def test_replies_are_built_once_per_revision() -> None:
     changed = reply(router, "/metadata/instance/compute/tags?format=text")
     assert changed is not first
     assert changed.body == b"baz:bash;foo:bar;env:prod"
-    assert header(changed, "etag") == '"2"'
+    assert header(changed, "etag") == body_etag(changed.body).decode() != header(first, "etag")
     ctx.fresh["instance"] = Freshness(FETCHED + 10, True)
     refreshed = reply(router, "/metadata/instance/compute/tags?format=text")
     assert refreshed is not changed
@@ -202,7 +212,7 @@ def test_instance_reads_are_found_again_by_raw_target() -> None:
     target = "/metadata/instance/compute/tags?format=text"
     first = reply(router, target)
     assert reply(router, target) is first
-    assert reply(router, target, inm='"1"').status == 304
+    assert reply(router, target, inm=header(first, "etag")).status == 304
     assert reply(router, target, method="POST").status == 405
     encoded = reply(router, "/metadata/instance/compute/vm%53ize?format=%74ext")
     assert encoded.body == b"Standard_A3"
@@ -229,16 +239,21 @@ def test_instance_reads_are_found_again_by_raw_target() -> None:
     assert reply(router, target, peer=ROOT).body == tagged.body
 
 
-def test_snapshot_change_without_revision_is_served() -> None:
+def test_snapshot_change_without_revision_is_served_under_a_new_etag() -> None:
     ctx = started_context()
     router = make_router(ctx)
-    before = reply(router, "/metadata/instance/compute/vmSize")
+    target = "/metadata/instance/compute/publicKeys/0/keyData"
+    before = reply(router, target)
+    unchanged = reply(router, "/metadata/instance/compute/vmSize")
     reordered = instance_doc()
     reordered["compute"]["publicKeys"].reverse()
     assert ctx.apply(full_snapshot(reordered)) is None
-    after = reply(router, "/metadata/instance/compute/publicKeys/0/keyData")
-    assert body(after) == "ssh-rsa 1"
-    assert header(before, "etag") == header(after, "etag")
+    assert ctx.revision == 1
+    after = reply(router, target, inm=header(before, "etag"))
+    assert (after.status, body(after)) == (200, "ssh-rsa 1")
+    assert header(before, "etag") != header(after, "etag")
+    same = reply(router, "/metadata/instance/compute/vmSize", inm=header(unchanged, "etag"))
+    assert same.status == 304  # the same bytes keep their ETag
 
 
 def test_documents() -> None:

@@ -7,9 +7,12 @@ need I/O come back as a call for the trio shell to carry out: :class:`WatchCall`
 Reads of the cached documents are serialised once: each endpoint has a slot holding the
 replies built for its current document, revision and freshness, keyed by (path, format,
 access level); the slot is replaced when any of those change. Every cached read carries
-``ETag: "<revision>"``, ``X-Imdsd-Revision``, ``X-Imdsd-Fetched-At`` (omitted when the
-document was never fetched in this run, e.g. restored from disk) and ``X-Imdsd-Stale``;
-``If-None-Match`` naming the current ETag (strong or ``W/``, in a list, or ``*``) gives 304.
+``ETag``, ``X-Imdsd-Revision``, ``X-Imdsd-Fetched-At`` (omitted when the document was never
+fetched in this run, e.g. restored from disk) and ``X-Imdsd-Stale``; ``If-None-Match`` naming
+the reply's ETag (strong or ``W/``, in a list, or ``*``) gives 304. The ETag is a strong
+validator: a short BLAKE2b of the exact body, computed once when the reply is built, so the
+same ETag always means the same bytes, even when a document changes without a new revision
+(reordered tags, fields from another api-version, a section that went missing).
 
 ``/v1/state``'s ``fetched_at`` is the *oldest* fetch time among the documents it holds (every
 part is at least that fresh) and ``stale`` is true when any enabled endpoint is stale. The
@@ -23,6 +26,7 @@ as their own document is known.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -54,14 +58,19 @@ _encoder = msgspec.json.Encoder()
 
 
 class Reply:
-    """A complete response: status, headers (without Content-Length) and body."""
+    """A complete response: status, headers (without Content-Length) and body.
 
-    __slots__ = ("body", "headers", "status")
+    A cached read (:func:`validated`) also has its ``etag`` and the 304 answering it.
+    """
+
+    __slots__ = ("body", "etag", "headers", "not_modified", "status")
 
     def __init__(self, status: int, headers: Headers, body: bytes = b"") -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        self.etag: str | None = None
+        self.not_modified: Reply | None = None
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.body[:60]!r})"
@@ -109,17 +118,30 @@ def json_reply(status: int, value: Any, headers: Headers | None = None) -> Reply
     return Reply(status, [(b"content-type", JSON_TYPE), *(headers or [])], _encoder.encode(value))
 
 
-def etag_matches(header: str | None, revision: int) -> bool:
-    """True when an ``If-None-Match`` value names ``"<revision>"`` (or is ``*``)."""
+def body_etag(body: bytes) -> bytes:
+    """The strong ETag of ``body`` (quoted): 20 hex digits of its BLAKE2b."""
+    return b'"%s"' % hashlib.blake2b(body, digest_size=10).hexdigest().encode()
+
+
+def validated(status: int, headers: Headers, body: bytes, meta: Headers) -> Reply:
+    """A cached-read reply with the ETag of ``body`` and its 304 built once, now."""
+    etag = body_etag(body)
+    reply = Reply(status, [*headers, (b"etag", etag), *meta], body)
+    reply.etag = etag.decode()
+    reply.not_modified = Reply(304, [(b"etag", etag), *meta])
+    return reply
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """True when an ``If-None-Match`` value names ``etag`` (strong or ``W/``) or is ``*``."""
     if header is None:
         return False
-    wanted = f'"{revision}"'
     for item in header.split(","):
         tag = item.strip()
         if tag == "*":
             return True
         tag = tag.removeprefix("W/")
-        if tag == wanted:
+        if tag == etag:
             return True
     return False
 
@@ -167,12 +189,16 @@ def _single(query: Sequence[tuple[str, str]], names: Sequence[str]) -> dict[str,
     return found
 
 
+def _validated_json(value: Any, meta: Headers) -> Reply:
+    return validated(200, [(b"content-type", JSON_TYPE)], _encoder.encode(value), meta)
+
+
 def _is_instance(path: str) -> bool:
     return path == INSTANCE or path.startswith(INSTANCE + "/")
 
 
 def _meta(revision: int, fresh: Freshness) -> Headers:
-    headers = [(b"etag", b'"%d"' % revision), (b"x-imdsd-revision", b"%d" % revision)]
+    headers = [(b"x-imdsd-revision", b"%d" % revision)]
     if fresh.fetched_at is not None:
         headers.append((b"x-imdsd-fetched-at", format_timestamp(fresh.fetched_at).encode()))
     headers.append((b"x-imdsd-stale", b"true" if fresh.stale else b"false"))
@@ -182,14 +208,13 @@ def _meta(revision: int, fresh: Freshness) -> Headers:
 class _Slot:
     """Replies built for one document at one revision and freshness."""
 
-    __slots__ = ("doc", "entries", "fresh", "meta", "not_modified", "redacted", "revision")
+    __slots__ = ("doc", "entries", "fresh", "meta", "redacted", "revision")
 
     def __init__(self, doc: object, revision: int, fresh: Freshness) -> None:
         self.doc = doc
         self.revision = revision
         self.fresh = fresh
         self.meta = _meta(revision, fresh)
-        self.not_modified = Reply(304, self.meta)
         self.entries: dict[Any, Reply] = {}
         self.redacted: Any = None
 
@@ -197,8 +222,10 @@ class _Slot:
         return self.doc is doc and self.revision == revision and self.fresh == fresh
 
     def answer(self, reply: Reply, inm: str | None) -> Reply:
-        """``reply``, or 304 when ``If-None-Match`` names this slot's revision."""
-        return self.not_modified if etag_matches(inm, self.revision) else reply
+        """``reply``, or its 304 when ``If-None-Match`` names its ETag."""
+        if reply.not_modified is not None and reply.etag is not None:
+            return reply.not_modified if etag_matches(inm, reply.etag) else reply
+        return reply
 
     def keep(self, key: Any, reply: Reply) -> Reply:
         if len(self.entries) < MAX_CACHED:
@@ -400,7 +427,7 @@ class Router:
             except FilterError as exc:
                 return None, error(exc.status, str(exc))
             reply = slot.keep(
-                key, Reply(200, [(b"content-type", ctype.encode()), *slot.meta], body)
+                key, validated(200, [(b"content-type", ctype.encode())], body, slot.meta)
             )
         return slot, reply
 
@@ -428,7 +455,7 @@ class Router:
         slot = self._slot(endpoint, raw, self.ctx.revision, fresh)
         reply = slot.entries.get(None)
         if reply is None:
-            reply = slot.keep(None, json_reply(200, raw, slot.meta))
+            reply = slot.keep(None, _validated_json(raw, slot.meta))
         return slot.answer(reply, inm)
 
     def scheduled_events(
@@ -447,7 +474,10 @@ class Router:
         if snapshot is not None and snapshot.loadbalancer_absent:
             self._json_only(query, "/metadata/loadbalancer")
             meta = _meta(self.ctx.revision, self.ctx.freshness("loadbalancer"))
-            return error(404, "this VM has no Standard Load Balancer (IMDS answered 404)", meta)
+            body = _encoder.encode(
+                {"error": "this VM has no Standard Load Balancer (IMDS answered 404)"}
+            )
+            return validated(404, [(b"content-type", JSON_TYPE)], body, meta)
         raw = snapshot.loadbalancer_raw if snapshot else None
         return self._document("loadbalancer", "/metadata/loadbalancer", raw, query, inm)
 
@@ -463,7 +493,7 @@ class Router:
         slot = self._slot("versions", self._versions, self.ctx.revision, self._fresh())
         reply = slot.entries.get(None)
         if reply is None:
-            reply = slot.keep(None, json_reply(200, {"apiVersions": list(versions)}, slot.meta))
+            reply = slot.keep(None, _validated_json({"apiVersions": list(versions)}, slot.meta))
         return slot.answer(reply, inm)
 
     # ------------------------------------------------------------------ imdsd's own API
@@ -483,7 +513,7 @@ class Router:
         key = ("state", level)
         reply = slot.entries.get(key)
         if reply is None:
-            reply = slot.keep(key, json_reply(200, self._state_document(slot, level), slot.meta))
+            reply = slot.keep(key, _validated_json(self._state_document(slot, level), slot.meta))
         return reply
 
     def state_body(self, level: Level) -> tuple[int, bytes] | None:
