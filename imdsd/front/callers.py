@@ -5,7 +5,8 @@ the client's own socket is looked up in ``/proc/net/tcp`` and ``/proc/net/tcp6``
 whose *local* address is ``peer`` (preferring one whose remote address is the front's, which
 differs when an nftables redirect rewrote the destination) gives the socket's uid and inode;
 the process holding ``socket:[inode]`` is found by reading ``/proc/<pid>/fd`` links (pids
-seen before first, then every process), and its command from ``/proc/<pid>/comm``. Finding
+seen before first, then every process, newest first), and its command from
+``/proc/<pid>/comm``. Finding
 the pid of another user's process needs root (or CAP_SYS_PTRACE); without it the pid and
 command stay unknown and only the uid is known.
 
@@ -68,12 +69,30 @@ def parse_address(text: str) -> Address:
     return normalize(str(host)), int(port_hex, 16)
 
 
-def parse_table(text: str) -> list[SocketEntry]:
-    """The rows of a ``/proc/net/tcp`` or ``/proc/net/tcp6`` text (malformed rows skipped)."""
+def encode_address(address: Address) -> set[str]:
+    """The forms ``address`` takes as a local address in ``/proc/net/tcp`` and ``tcp6``."""
+    host, port = address
+    try:
+        ip = ipaddress.ip_address(normalize(host))
+    except ValueError:
+        return set()
+    packed = [ip.packed]
+    if isinstance(ip, ipaddress.IPv4Address):
+        packed.append(ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed).packed)
+    return {
+        b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)).hex().upper() + f":{port:04X}"
+        for raw in packed
+    }
+
+
+def parse_table(text: str, local: set[str] | None = None) -> list[SocketEntry]:
+    """The rows of a ``/proc/net/tcp`` or ``/proc/net/tcp6`` text (malformed rows skipped);
+    with ``local``, only rows whose local address is one of those (see :func:`encode_address`).
+    """
     entries = []
     for line in text.splitlines()[1:]:
         fields = line.split()
-        if len(fields) < 10:
+        if len(fields) < 10 or (local is not None and fields[1] not in local):
             continue
         try:
             entries.append(
@@ -169,14 +188,17 @@ class Resolver:
 
     def _read(self, name: str) -> str:
         try:
-            with open(os.path.join(self.proc, name), encoding="ascii", errors="replace") as f:
-                return f.read()
+            # unbuffered: /proc files are generated per read call, small reads cost a lot
+            with open(os.path.join(self.proc, name), "rb", buffering=0) as f:
+                return f.read().decode("ascii", "replace")
         except OSError:
             return ""
 
     def socket_of(self, peer: Address, ours: Address | None) -> SocketEntry | None:
         """The client's socket entry for a connection from ``peer`` to ``ours``."""
-        entries = parse_table(self._read("net/tcp")) + parse_table(self._read("net/tcp6"))
+        local = encode_address(peer)
+        entries = parse_table(self._read("net/tcp"), local)
+        entries += parse_table(self._read("net/tcp6"), local)
         return find_peer_socket(entries, peer, ours)
 
     def _holds(self, pid: int, link: str) -> bool:
@@ -202,7 +224,8 @@ class Resolver:
                 return pid
         self.scans += 1
         try:
-            pids = [int(n) for n in os.listdir(self.proc) if n.isdigit()]
+            # newest first: agents that call once and exit (curl in a script) are new processes
+            pids = sorted((int(n) for n in os.listdir(self.proc) if n.isdigit()), reverse=True)
         except OSError:
             return None
         for pid in pids:
