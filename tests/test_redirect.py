@@ -103,6 +103,11 @@ def test_missing_nft_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
         redirect.status()
 
 
+def test_unit_removes_the_redirect_after_any_stop() -> None:
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "imdsd.service").read_text()
+    assert "\nExecStopPost=-/usr/bin/imdsd redirect remove\n" in unit
+
+
 # ------------------------------------------------------------------------------ the mark
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK needs CAP_NET_ADMIN (root)")
