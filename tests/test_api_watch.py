@@ -456,3 +456,57 @@ async def test_parked_watchers_written_directly_are_not_woken(tmp_path: Path) ->
         assert frame is not None
         assert frame["revision"] == revision
         assert len(api.watchers._parked) == 2
+
+
+# ------------------------------------------------------------------ revisions without a frame
+
+
+def revision_without_frame(ctx: FakeContext) -> int:
+    """Take a revision that has no change frame, as a document appearing does."""
+    snapshot = ctx.snapshot
+    assert snapshot is not None
+    assert snapshot.loadbalancer_raw is not None
+    lb = {**snapshot.loadbalancer_raw, "futureField": ctx.revision}
+    ctx.clock += 1
+    assert ctx.store.apply(snapshot.with_loadbalancer(lb), ctx.clock, new_content=True) is None
+    return ctx.revision
+
+
+async def test_bookmarks_name_the_current_revision_when_nothing_is_pending(
+    tmp_path: Path,
+) -> None:
+    ctx = started_context()
+    assert revision_without_frame(ctx) == 2
+    async with (
+        running_api(tmp_path, ctx, heartbeat=0.05) as (path, _),
+        watching(path, "/v1/watch?since=1") as (_, next_frame),
+    ):
+        assert await next_frame() == {"type": "bookmark", "revision": 2}
+        assert revision_without_frame(ctx) == 3
+        frame = await next_frame()
+        while frame == {"type": "bookmark", "revision": 2}:
+            frame = await next_frame()
+        assert frame == {"type": "bookmark", "revision": 3}
+        ctx.tag("env", "prod")
+        frame = await next_frame()
+        while frame == {"type": "bookmark", "revision": 3}:
+            frame = await next_frame()
+        assert frame is not None
+        assert (frame["type"], frame["revision"]) == ("change", 4)
+
+
+async def test_long_poll_answers_the_current_revision_when_nothing_is_pending(
+    tmp_path: Path,
+) -> None:
+    ctx = started_context()
+    revision_without_frame(ctx)
+    async with running_api(tmp_path, ctx) as (path, _):
+        empty = json.loads((await get(path, "/v1/events?since=1&wait=0")).body)
+        assert empty == {"revision": 2, "frames": []}
+        ctx.tag("a", "1")
+        revision_without_frame(ctx)
+        answer = json.loads((await get(path, "/v1/events?since=1&wait=0")).body)
+        assert answer["revision"] == 4
+        assert [f["revision"] for f in answer["frames"]] == [3]
+        skipped = json.loads((await get(path, "/v1/events?since=2&kinds=disks&wait=0")).body)
+        assert skipped == {"revision": 4, "frames": []}

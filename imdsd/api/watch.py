@@ -214,10 +214,11 @@ class Watchers:
                 await responder.end()
                 return
             if closed:
-                await self._write(responder, bookmark_line(last))
+                await self._write(responder, bookmark_line(self._caught_up(last, subscription)))
                 await responder.end()
                 return
             if frame is None:  # heartbeat
+                last = parked.last = self._caught_up(last, subscription)
                 await self._write(responder, bookmark_line(last))
                 continue
             if frame.revision <= last:
@@ -226,6 +227,19 @@ class Watchers:
             if line is not None:
                 await self._write(responder, line)
             last = parked.last = frame.revision
+
+    def _caught_up(self, last: int, subscription: Subscription | None = None) -> int:
+        """``last``, or the current revision when no frame lies between them.
+
+        Revisions without a change frame (a document that appeared, content that changed
+        with no reported change) move the revision too: a bookmark or an empty long-poll
+        answer names the current one once nothing is pending, so a resume starts there.
+        """
+        current = self.ctx.revision
+        if current <= last or (subscription is not None and subscription.pending):
+            return last
+        found = self.ctx.frames_since(last)
+        return current if isinstance(found, list) and not found else last
 
     def deliver(self, frame: ChangeFrame) -> None:
         """Write ``frame`` at once to every watcher parked waiting for it (no task switch).
@@ -285,7 +299,8 @@ class Watchers:
 
                 if await self._guarded(responder, wait):
                     return
-            await responder.send(200, JSON_HEADERS, events_body(progress.last, progress.lines))
+            last = self._caught_up(progress.last)
+            await responder.send(200, JSON_HEADERS, events_body(last, progress.lines))
 
     def _take(self, call: EventsCall, frames: list[ChangeFrame], progress: _Progress) -> None:
         for frame in frames:
