@@ -78,6 +78,54 @@ def test_any_arrival_pattern_respects_the_window(rate: float, gaps: list[float])
     assert all(b - a >= 1 / rate - 1e-9 for a, b in itertools.pairwise(starts))
 
 
+RATES = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    old=st.sampled_from(RATES),
+    new=st.sampled_from(RATES),
+    gaps=st.lists(st.floats(min_value=0, max_value=2), min_size=2, max_size=40),
+    split=st.integers(min_value=1, max_value=39),
+)
+def test_a_new_rate_keeps_the_window(old: float, new: float, gaps: list[float], split: int) -> None:
+    """Across set_rate (a reload), every window ending after it holds at most the new budget."""
+    core = BudgetCore(old)
+    starts: list[float] = []
+    now = 0.0
+    for index, gap in enumerate(gaps):
+        if index == min(split, len(gaps) - 1):
+            core.set_rate(new)
+            reload_at = len(starts)
+        now = core.next_slot(now + gap)
+        core.commit(now)
+        starts.append(now)
+    assert core.rate == new
+    allowed = max(1, math.floor(new))
+    for index in range(reload_at, len(starts)):
+        window = [t for t in starts[: index + 1] if starts[index] - t <= 1.0]
+        assert len(window) <= allowed, (starts, reload_at)
+    after = starts[reload_at - 1 : reload_at + 1]
+    assert after[1] - after[0] >= 1 / new - 1e-9
+
+
+async def test_set_rate_in_the_trio_shell_keeps_the_log(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    budget = Budget(2.0)
+    for _ in range(2):
+        await budget.acquire()
+    assert budget.in_use() == 2
+    budget.set_rate(2.0)
+    assert budget.in_use() == 2  # a reload forgets nothing
+    start = trio.current_time()
+    await budget.acquire()
+    assert trio.current_time() - start == pytest.approx(0.55)  # 1 s + margin after the first
+    budget.set_rate(4.0)
+    await budget.acquire()
+    assert trio.current_time() - start == pytest.approx(0.8)  # spacing 1/4 s from the last
+
+
 def test_commit_before_the_slot_is_refused() -> None:
     core = BudgetCore(2.0)
     core.commit(10.0)

@@ -13,9 +13,13 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
+import trio.testing
 from daemon_support import NotifySocket, daemon, emulator, python_hook, write_config
+from emulator_support import start_emulator
 
 from imdsd.client import AsyncClient
+from imdsd.config import load_config
+from imdsd.daemon import Daemon
 from imdsd.frames import ChangeFrame, StateFrame, decode_frame
 from imdsd.httpio import ClientConnection, open_unix
 
@@ -237,3 +241,137 @@ def test_run_with_bad_config_exits_78(tmp_path: Path) -> None:
     assert done.returncode == 78
     assert "imds.max_requests_per_second" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------- upstream figures
+
+
+def scrape(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value for every sample of a Prometheus text exposition."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def requests(samples: dict[str, float], endpoint: str, cls: str) -> float:
+    return samples[f'imdsd_upstream_requests_total{{endpoint="{endpoint}",class="{cls}"}}']
+
+
+def emulator_classes(by_status: dict[str, int]) -> dict[str, int]:
+    """The emulator's answers of one path, by imdsd's status class."""
+    classes = dict.fromkeys(("2xx", "4xx", "5xx", "error"), 0)
+    for status, count in by_status.items():
+        cls = f"{status[0]}xx" if status[:1] in ("2", "4", "5") else "error"
+        classes[cls] += count
+    return classes
+
+
+async def test_upstream_metrics_match_the_emulators_counts_under_faults(tmp_path: Path) -> None:
+    async with emulator() as emu:
+        config = write_config(tmp_path, emu.endpoint, instance="1s", scheduled_events="1s")
+        await emu.faults(
+            {"status": 429, "count": 3, "path": "/metadata/instance"},
+            {"status": 500, "count": 2, "path": "/metadata/instance"},
+            {"status": 410, "count": 2, "path": "/metadata/scheduledevents"},
+            {"status": 429, "count": 1, "path": "/metadata/scheduledevents"},
+        )
+        async with daemon(config) as proc:
+            await proc.wait_ready()
+            in_use_seen = 0.0
+            with trio.fail_after(20):
+                while True:  # compare at a quiet moment: nothing in flight on either side
+                    before = await emu.stats()
+                    samples = scrape((await proc.get("/metrics")).body.decode())
+                    after = await emu.stats()
+                    in_use_seen = max(in_use_seen, samples["imdsd_budget_in_use"])
+                    paths = after["by_path_status"]
+                    done = not (await emu.control("GET", "state"))["faults"]
+                    settled = before == after and sum(after["by_status"].values()) == after["total"]
+                    counted = sum(
+                        requests(samples, e, c)
+                        for e in ("instance", "scheduled_events", "versions")
+                        for c in ("2xx", "4xx", "5xx", "error")
+                    )
+                    if done and settled and counted == after["total"]:
+                        break
+                    await trio.sleep(0.05)
+            assert await proc.stop() == 0
+    for endpoint, path in (
+        ("instance", "/metadata/instance"),
+        ("scheduled_events", "/metadata/scheduledevents"),
+        ("versions", "/metadata/versions"),
+    ):
+        expected = emulator_classes(paths[path])
+        assert {c: requests(samples, endpoint, c) for c in expected} == expected, endpoint
+    assert expected["2xx"] == 1  # versions: probed once
+    assert paths["/metadata/instance"]["429"] == 3
+    assert paths["/metadata/instance"]["500"] == 2
+    assert samples["imdsd_upstream_throttled_total"] == after["by_status"]["429"] == 4
+    for endpoint, path in (
+        ("instance", "/metadata/instance"),
+        ("scheduled_events", "/metadata/scheduledevents"),
+    ):
+        fetched = samples[f'imdsd_fetch_duration_seconds_count{{endpoint="{endpoint}"}}']
+        assert fetched == paths[path]["200"] > 0
+        assert samples[f'imdsd_fetch_duration_seconds_sum{{endpoint="{endpoint}"}}'] > 0
+        assert samples[
+            f'imdsd_fetch_duration_seconds_bucket{{endpoint="{endpoint}",le="+Inf"}}'
+        ] == (fetched)
+    # the retried fetches waited out their backoff: some took over 0.25 s
+    slow = samples['imdsd_fetch_duration_seconds_bucket{endpoint="instance",le="0.25"}']
+    assert slow < samples['imdsd_fetch_duration_seconds_count{endpoint="instance"}']
+    assert 0 < in_use_seen <= 4
+
+
+async def test_health_counts_local_connections_not_upstream_ones(tmp_path: Path) -> None:
+    async with emulator() as emu, daemon(write_config(tmp_path, emu.endpoint)) as proc:
+        await proc.wait_ready()
+        idle = [ClientConnection(await open_unix(proc.socket, 5)) for _ in range(7)]
+        with trio.fail_after(10):
+            while True:  # every idle connection accepted, and /metrics agrees
+                conn = ClientConnection(await open_unix(proc.socket, 5))
+                health = msgspec.json.decode(
+                    (await conn.request("GET", "/v1/health", [("host", "imdsd")])).body
+                )
+                metrics = scrape(
+                    (await conn.request("GET", "/metrics", [("host", "imdsd")])).body.decode()
+                )
+                await conn.aclose()
+                if health["connections"] == 8:
+                    break
+                await trio.sleep(0.05)
+        assert metrics["imdsd_connections"] == 8
+        assert health["upstream_connections"] in (1, 2, 3)  # instance, scheduled events, versions
+        for conn in idle:
+            await conn.aclose()
+        assert await proc.stop() == 0
+
+
+async def test_a_reload_keeps_the_request_budget_window(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Requests before and after a reload share one window: never over the budget (MockClock)."""
+    async with trio.open_nursery() as nursery:
+        emu = await start_emulator(nursery)
+        path = write_config(tmp_path, emu.endpoint, instance="1s", loadbalancer="1s")
+        text = path.read_text().replace(
+            "max_requests_per_second = 4", "max_requests_per_second = 2"
+        )
+        path.write_text(text)
+        running = Daemon(load_config(str(path)), str(path))
+        with trio.fail_after(120):
+            async with trio.open_nursery() as inner:
+                await inner.start(running.run)
+                for interval in ("2s", "1s", "3s", "1s", "2s", "1s"):
+                    await trio.sleep(2.7)  # three pollers want 3/s: the budget is saturated
+                    path.write_text(text.replace('instance = "1s"', f'instance = "{interval}"'))
+                    assert await running.reload()
+                await trio.sleep(3)
+                stats = await emu.stats()
+                running.stop()
+        nursery.cancel_scope.cancel()
+    assert stats["total"] > 30
+    assert stats["peak_rps"] == 2

@@ -20,6 +20,7 @@ import trio.testing
 from emulator_support import start_emulator
 
 from imdsd import __version__, httpio
+from imdsd.api.metrics import Metrics
 from imdsd.config import ImdsConfig
 from imdsd.upstream.budget import Budget, Priority
 from imdsd.upstream.client import (
@@ -424,7 +425,45 @@ async def test_status_reports_budget_versions_and_connections(
         "budget": {"rate": 2.0, "in_use": 2, "waiting": 0, "granted": 2},
         "api_version": {"instance": "2023-11-15"},
         "requests_sent": 2,
-        "connections": 2,
+        "upstream_connections": 2,
     }
     await client.aclose()
     assert client.open_connections == 0
+
+
+async def test_every_request_and_fetch_is_counted_in_the_metrics(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator = await start_emulator(nursery, "azure")
+    metrics = Metrics()
+    client = ImdsClient(ImdsConfig(endpoint=emulator.url), Budget(4.0), metrics=metrics)
+    await emulator.faults(
+        {"status": 429, "path": "/metadata/instance"},
+        {"reset": True, "path": "/metadata/instance"},
+        {"status": 500, "path": "/metadata/instance"},
+        {"status": 410, "path": "/metadata/instance"},
+    )
+    started = trio.current_time()
+    await client.fetch("instance")
+    took = trio.current_time() - started
+    await client.fetch("instance")
+    raw = await client.get("/metadata/nothing")  # a raw call counts under "other"
+    assert raw.status == 404
+    await client.aclose()
+    counted = {key: n for key, n in metrics.upstream_requests.items() if n}
+    assert counted == {
+        ("versions", "2xx"): 1,
+        ("instance", "4xx"): 2,
+        ("instance", "error"): 1,
+        ("instance", "5xx"): 1,
+        ("instance", "2xx"): 2,
+        ("other", "4xx"): 1,
+    }
+    assert metrics.upstream_throttled == 1
+    histogram = metrics.fetch_duration["instance"]
+    assert histogram.count == 2
+    assert took <= histogram.total
+    assert took >= 0.5 + 0.25 + 0.5  # the backoffs of the retried first fetch are included
+    assert sum(h.count for h in metrics.fetch_duration.values()) == 2
+    stats = await emulator.stats()
+    assert stats["total"] == sum(counted.values())

@@ -16,6 +16,10 @@ A spacing of ``1/N`` alone would allow ``ceil(N)`` starts in a half-open window 
 in a closed one (starts at 0, 0.5 and 1.0 for ``N = 2``), and a log of start times alone
 allows bursts of ``C`` back-to-back requests; together they give both properties.
 
+A new rate (a reload) keeps the start log: :meth:`BudgetCore.set_rate` applies the new
+rules to the starts already made, so no window spanning a reload holds more than the larger
+of the two budgets (a fresh budget would have allowed the old rate plus the new one).
+
 Waiters are granted in priority order (lower value first, FIFO within a priority), so
 scheduled events go before the instance document, which goes before the load balancer; a
 waiter that has waited ``PROMOTE_AFTER`` (3 s) is promoted to urgent, so nobody starves when
@@ -57,17 +61,22 @@ class BudgetCore:
     def __init__(
         self, rate: float, *, margin: float = MARGIN, promote_after: float = PROMOTE_AFTER
     ) -> None:
+        self.margin = margin
+        self.promote_after = promote_after
+        self._starts: deque[float] = deque()
+        self.set_rate(rate)
+        self._seq = itertools.count()
+        self._waiting: dict[int, tuple[int, float]] = {}
+        self.granted = 0
+
+    def set_rate(self, rate: float) -> None:
+        """Change the rate, keeping the log of recent starts (the window carries over)."""
         if not math.isfinite(rate) or rate <= 0:
             raise ValueError(f"request rate must be a positive number, got {rate!r}")
         self.rate = rate
         self.spacing = 1.0 / rate
         self.per_window = max(1, math.floor(rate))
-        self.margin = margin
-        self.promote_after = promote_after
-        self._starts: deque[float] = deque(maxlen=self.per_window)
-        self._seq = itertools.count()
-        self._waiting: dict[int, tuple[int, float]] = {}
-        self.granted = 0
+        self._starts = deque(self._starts, maxlen=self.per_window)
 
     def next_slot(self, now: float) -> float:
         """The earliest time, not before ``now``, at which the next request may start."""
@@ -172,6 +181,11 @@ class Budget:
             del self._events[ticket]
             self._wake_head(trio.current_time())
         await trio.lowlevel.checkpoint()
+
+    def set_rate(self, rate: float) -> None:
+        """Apply a new rate (a reload) without forgetting the starts of the last second."""
+        self.core.set_rate(rate)
+        self._wake_head(trio.current_time())
 
     def _wake_head(self, now: float) -> None:
         head = self.core.head(now)
