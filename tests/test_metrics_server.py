@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,51 @@ async def test_socket_activated_metrics_listener(tmp_path: Path) -> None:
             assert (await request(port, "GET", "/v1/health")).status == 404
             assert (await proc.get("/v1/health")).status == 200  # the api fd is the API
             assert await proc.stop() == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_example_socket_unit_verifies_with_its_drop_in(tmp_path: Path) -> None:
+    units = Path(__file__).resolve().parent.parent / "systemd"
+    example = (units / "imdsd-metrics.socket").read_text()
+    assert "FileDescriptorName=metrics\n" in example
+    service = (units / "imdsd.service").read_text().replace("/usr/bin/imdsd", sys.executable)
+    (tmp_path / "imdsd.service").write_text(service)
+    (tmp_path / "imdsd.socket").write_text((units / "imdsd.socket").read_text())
+    (tmp_path / "imdsd-metrics.socket").write_text(example)
+    [printf] = [line for line in example.splitlines() if "printf '" in line]
+    drop_in = printf.split("printf '", 1)[1].split("'", 1)[0].replace("\\n", "\n")
+    (tmp_path / "imdsd.service.d").mkdir()
+    (tmp_path / "imdsd.service.d" / "metrics-socket.conf").write_text(drop_in)
+    done = subprocess.run(
+        ["systemd-analyze", "--no-pager", "verify", "imdsd-metrics.socket", "imdsd.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.stdout + done.stderr).strip() == ""
+    assert done.returncode == 0
+
+
+def test_budget_and_freshness_families() -> None:
+    metrics = Metrics()
+    text = metrics.render().decode()
+    for family in ("imdsd_budget_rate", "imdsd_budget_waiting"):
+        assert f"# TYPE {family} gauge\n{family} 0\n" in text
+    assert "# TYPE imdsd_upstream_stale gauge\n# HELP imdsd_data_age_seconds" in text
+    metrics.budget_rate.set(4)
+    metrics.budget_waiting.track(lambda: 2)
+    metrics.upstream_freshness = lambda: {
+        "instance": (False, 1.5),
+        "scheduled_events": (True, None),
+        "odd\nname": (True, 3.0),
+    }
+    text = metrics.render().decode()
+    assert "imdsd_budget_rate 4\n" in text
+    assert "imdsd_budget_waiting 2\n" in text
+    assert 'imdsd_upstream_stale{endpoint="instance"} 0\n' in text
+    assert 'imdsd_upstream_stale{endpoint="scheduled_events"} 1\n' in text
+    assert 'imdsd_upstream_stale{endpoint="other"} 1\n' in text  # labels stay bounded
+    assert 'imdsd_data_age_seconds{endpoint="instance"} 1.5\n' in text
+    assert 'imdsd_data_age_seconds{endpoint="scheduled_events"}' not in text  # never fetched
