@@ -30,6 +30,7 @@ from imdsd.frames import Change
 from imdsd.model import DocumentError, Snapshot, parse_instance
 
 DATA = Path(__file__).parent / "data"
+ROOT = Peer(1, 0, 0)
 Raw = dict[str, Any]
 S = "string"  # a string leaf; a one-item list is an array of that item; a dict an object
 
@@ -202,12 +203,12 @@ DOCUMENTS = st.one_of(*(_strategy(schema).map(_consistent) for schema in SCHEMAS
 def _router(snapshot: Snapshot) -> tuple[FakeContext, Router]:
     ctx = FakeContext()
     ctx.apply(snapshot)
-    policy = AccessPolicy([], [0], [])
+    policy = AccessPolicy(["compute/userData", "compute/customData"], [0], [])
     return ctx, Router(ctx, policy, Metrics())
 
 
-def _get(router: Router, target: str) -> Reply:
-    outcome = router.route_target("GET", target, None, Peer(1, 0, 0))
+def _get(router: Router, target: str, peer: Peer = ROOT) -> Reply:
+    outcome = router.route_target("GET", target, None, peer)
     assert isinstance(outcome, Reply)
     return outcome
 
@@ -251,6 +252,11 @@ def test_each_document_decodes_is_served_as_sent_and_diffs(doc: Raw) -> None:
         assert _get(router, "/metadata/instance/compute").body == msgspec.json.encode(
             doc["compute"]
         )
+    user = Peer(2, 1000, 1000)
+    redacted = json.loads(_get(router, "/metadata/instance", user).body)
+    assert "userData" not in redacted.get("compute", {})
+    assert redacted.get("network") == doc.get("network")
+    assert _get(router, "/v1/state", user).status == 200
     golden = Snapshot().with_instance((DATA / "instance-linux.json").read_bytes())
     for old, new in ((golden, snapshot), (snapshot, golden), (snapshot, snapshot)):
         found = diff(old, carry(old, new))
