@@ -206,3 +206,38 @@ async def test_restricted_paths_by_the_callers_uid(tmp_path: Path) -> None:
     assert "vmId" in compute
     nobody = next(c for c in callers if c["uid"] == 65534)
     assert (nobody["requests"], nobody["refused"], nobody["cached"]) == (2, 1, 1)
+
+
+async def test_identity_requests_stay_within_imdss_concurrency(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        await emu.control("POST", "rules", {"identity_latency": 0.2})
+        port = front_port(daemon)
+        statuses: list[int] = []
+
+        async def token(index: int) -> None:
+            answer = await call(port, "GET", f"{TOKEN}&resource=https://r{index}/", [MD])
+            statuses.append(answer.status)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(12):
+                nursery.start_soon(token, index)
+        stats = await emu.stats()
+    assert statuses == [200] * 12  # IMDS would have answered 429 beyond 5 in flight
+    assert "429" not in msgspec.json.encode(stats).decode()
+
+
+async def test_approval_is_forwarded_with_its_body(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu:
+        await emu.control("POST", "scheduled-events", EVENT)
+        async with front_daemon(tmp_path, emu) as daemon:
+            port = front_port(daemon)
+            body = msgspec.json.encode({"StartRequests": [{"EventId": "E1"}]})
+            target = "/metadata/scheduledevents?api-version=2020-07-01"
+            answer = await call(
+                port, "POST", target, [MD, ("Content-Type", "application/json")], body
+            )
+            state = await emu.control("GET", "state")
+    assert answer.status == 200
+    assert imdsd_headers(answer)["x-imdsd-source"] == "upstream"
+    (event,) = state["scheduled_events"]["Events"]
+    assert event["EventStatus"] == "Started"
