@@ -17,15 +17,22 @@ trio::
 
 ``watch`` resumes by itself after a disconnect or an overflow (from the last revision it saw)
 and re-lists after ``gone`` (a fresh StateFrame follows, so the consumer can resynchronise).
+Reconnections back off exponentially with jitter (``retry_delay`` doubling up to
+``max_delay``, reset once a frame arrives) and each failure is logged on the standard
+``logging`` logger ``imdsd.client``. Frame types this library does not know (from a newer
+daemon) are skipped, with one warning per type. A 4xx answer to the watch request raises
+:class:`ApiError`; 5xx and 429 answers are retried.
 """
 
 from __future__ import annotations
 
 import http.client
+import logging
 import os
+import random
 import socket
 import time
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -45,6 +52,8 @@ from imdsd.frames import (
 )
 
 DEFAULT_SOCKET = "/run/imdsd/imdsd.sock"
+MAX_RETRY_DELAY = 30.0
+log = logging.getLogger("imdsd.client")
 _HEADERS = [("host", "imdsd"), ("user-agent", f"imdsd-client/{__version__}")]
 
 
@@ -102,12 +111,39 @@ def _decode_read(body: bytes, fmt: str) -> Any:
     return msgspec.json.decode(body)
 
 
+class Backoff:
+    """Delays between reconnections: ``initial`` doubling per failure up to ``cap``, jittered.
+
+    Each delay is drawn uniformly from the upper half of its step (``step/2 .. step``), so
+    many clients dropped at once do not reconnect in lockstep. :meth:`reset` after progress.
+    """
+
+    def __init__(
+        self, initial: float, cap: float, *, rng: Callable[[], float] = random.random
+    ) -> None:
+        self.initial = initial
+        self.cap = max(cap, initial)
+        self.failures = 0
+        self._rng = rng
+
+    def next(self) -> float:
+        """The delay before the next attempt (and count one more failure)."""
+        step = min(self.cap, self.initial * 2 ** min(self.failures, 32))
+        self.failures += 1
+        return float(step / 2 + self._rng() * step / 2)
+
+    def reset(self) -> None:
+        """Start again from ``initial`` (a connection made progress)."""
+        self.failures = 0
+
+
 class WatchCursor:
     """Sans-IO resume logic of a watch: which URL to open next, what to do with each frame."""
 
     def __init__(self, since: int | None, kinds: Iterable[str] | None) -> None:
         self.since = since
         self.kinds = sorted(set(kinds)) if kinds else None
+        self.unknown_types: set[str] = set()
 
     def target(self) -> str:
         """The request target of the next connection."""
@@ -117,6 +153,25 @@ class WatchCursor:
         if self.kinds:
             query["kinds"] = ",".join(self.kinds)
         return "/v1/watch" + ("?" + urlencode(query) if query else "")
+
+    def decode(self, line: bytes) -> Frame | None:
+        """The frame on ``line``; None for a blank line or a frame type not known here.
+
+        An unknown type (a newer daemon) is skipped with one warning per type; a malformed
+        frame of a known type raises ``msgspec.DecodeError`` (the caller reconnects).
+        """
+        if not line.strip():
+            return None
+        try:
+            return decode_frame(line)
+        except msgspec.ValidationError:
+            kind = _frame_type(line)
+            if kind is None or kind in _KNOWN_TYPES:
+                raise
+            if kind not in self.unknown_types:
+                self.unknown_types.add(kind)
+                log.warning("imdsd watch: skipping frames of unknown type %r", kind)
+            return None
 
     def accept(self, frame: Frame) -> bool:
         """Record ``frame``; True when it should reach the consumer.
@@ -137,6 +192,30 @@ class WatchCursor:
             self.since = None
             return False
         return False
+
+
+_KNOWN_TYPES = frozenset({"state", "change", "bookmark", "gone", "overflow"})
+
+
+def _frame_type(line: bytes) -> str | None:
+    """The ``type`` of a JSON object line, or None when it is not one."""
+    try:
+        decoded = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return None
+    kind = decoded.get("type") if isinstance(decoded, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def watch_refused(status: int, message: str) -> ApiError | None:
+    """The error to raise for a watch answered ``status``, or None to retry (5xx, 429)."""
+    if status >= 500 or status == 429:
+        return None
+    return ApiError(status, message)
+
+
+def _retrying(socket_path: str, reason: str, delay: float) -> None:
+    log.warning("imdsd watch on %s: %s; reconnecting in %.1f s", socket_path, reason, delay)
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -207,26 +286,40 @@ class Client:
         kinds: Iterable[str] | None = None,
         *,
         retry_delay: float = 1.0,
+        max_delay: float = MAX_RETRY_DELAY,
         read_timeout: float = 60.0,
     ) -> Iterator[Frame]:
-        """Yield state and change frames forever, reconnecting and resuming as needed."""
+        """Yield state and change frames forever, reconnecting and resuming as needed.
+
+        Raises :class:`ApiError` when the daemon refuses the watch with a 4xx status.
+        """
         cursor = WatchCursor(since, kinds)
+        backoff = Backoff(retry_delay, max_delay)
         while True:
             conn = _UnixHTTPConnection(self.socket, read_timeout)
+            reason = "the stream ended"
             try:
                 conn.request("GET", cursor.target(), headers=dict(_HEADERS))
                 reply = conn.getresponse()
                 if reply.status != 200:
-                    raise ApiError(reply.status, error_message(reply.read()))
-                while line := reply.readline():
-                    frame = decode_frame(line)
-                    if cursor.accept(frame):
-                        yield frame
-            except (OSError, http.client.HTTPException, msgspec.DecodeError):
-                pass
+                    message = error_message(reply.read())
+                    error = watch_refused(reply.status, message)
+                    if error is not None:
+                        raise error
+                    reason = f"HTTP {reply.status}: {message}"
+                else:
+                    while line := reply.readline():
+                        frame = cursor.decode(line)
+                        if frame is not None and cursor.accept(frame):
+                            backoff.reset()
+                            yield frame
+            except (OSError, http.client.HTTPException, msgspec.DecodeError) as exc:
+                reason = str(exc) or type(exc).__name__
             finally:
                 conn.close()
-            time.sleep(retry_delay)
+            delay = backoff.next()
+            _retrying(self.socket, reason, delay)
+            time.sleep(delay)
 
 
 class AsyncClient:
@@ -292,30 +385,46 @@ class AsyncClient:
         kinds: Iterable[str] | None = None,
         *,
         retry_delay: float = 1.0,
+        max_delay: float = MAX_RETRY_DELAY,
         read_timeout: float = 60.0,
     ) -> AsyncGenerator[Frame, None]:
-        """Yield state and change frames forever, reconnecting and resuming as needed."""
+        """Yield state and change frames forever, reconnecting and resuming as needed.
+
+        Raises :class:`ApiError` when the daemon refuses the watch with a 4xx status.
+        """
         cursor = WatchCursor(since, kinds)
+        backoff = Backoff(retry_delay, max_delay)
         while True:
+            reason = "the stream ended"
             try:
                 conn = await self._connect()
-            except DaemonUnreachable:
-                await trio.sleep(retry_delay)
-                continue
-            try:
-                head, next_line = await conn.stream_lines("GET", cursor.target(), _HEADERS)
-                if head.status != 200:
-                    raise ApiError(head.status, f"watch refused with HTTP {head.status}")
-                while True:
-                    with trio.fail_after(read_timeout):
-                        line = await next_line()
-                    if line is None:
-                        break
-                    frame = decode_frame(line)
-                    if cursor.accept(frame):
-                        yield frame
-            except (httpio.HttpIOError, trio.TooSlowError, msgspec.DecodeError):
-                pass
-            finally:
-                await conn.aclose()
-            await trio.sleep(retry_delay)
+            except DaemonUnreachable as exc:
+                reason = str(exc)
+            else:
+                try:
+                    head, next_line = await conn.stream_lines("GET", cursor.target(), _HEADERS)
+                    if head.status != 200:
+                        message = f"watch refused with HTTP {head.status}"
+                        error = watch_refused(head.status, message)
+                        if error is not None:
+                            raise error
+                        reason = message
+                    else:
+                        while True:
+                            with trio.fail_after(read_timeout):
+                                line = await next_line()
+                            if line is None:
+                                break
+                            frame = cursor.decode(line)
+                            if frame is not None and cursor.accept(frame):
+                                backoff.reset()
+                                yield frame
+                except trio.TooSlowError:
+                    reason = f"nothing received for {read_timeout:g} s"
+                except (httpio.HttpIOError, msgspec.DecodeError) as exc:
+                    reason = str(exc) or type(exc).__name__
+                finally:
+                    await conn.aclose()
+            delay = backoff.next()
+            _retrying(self.socket, reason, delay)
+            await trio.sleep(delay)
