@@ -241,3 +241,25 @@ async def test_approval_is_forwarded_with_its_body(tmp_path: Path) -> None:
     assert imdsd_headers(answer)["x-imdsd-source"] == "upstream"
     (event,) = state["scheduled_events"]["Events"]
     assert event["EventStatus"] == "Started"
+
+
+async def test_forwarded_requests_share_the_budget(tmp_path: Path) -> None:
+    extra = '[front]\nqueue_timeout = "3s"\n'
+    async with emulator() as emu, front_daemon(tmp_path, emu, extra) as daemon:  # IMDS's 5/s
+        port = front_port(daemon)
+        statuses: list[int] = []
+
+        async def attested() -> None:
+            target = "/metadata/attested/document?api-version=2020-09-01"
+            statuses.append((await call(port, "GET", target, [MD])).status)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(attested)
+        stats = await emu.stats()
+        assert daemon.front is not None
+        results = dict(daemon.front.results)
+    assert "429" not in stats["by_status"]
+    assert stats["peak_rps"] <= 4
+    assert statuses.count(200) == results["forwarded"] >= 3
+    assert statuses.count(429) == results["throttled"] == 20 - results["forwarded"]
