@@ -78,22 +78,23 @@ def diff(old: Snapshot, new: Snapshot) -> list[Change]:
 def carry(previous: Snapshot, new: Snapshot) -> Snapshot:
     """``new`` with a memory of the last known value of every section it lacks.
 
-    ``instance_known`` (``loadbalancer_known``) becomes ``new``'s raw document with every
-    object member it lacks, at any depth, filled in from ``previous``'s memory (or raw
-    document); ``tags`` and ``tagsList`` are one section, remembered as the newest document
-    that had either. None when nothing is missing. ``diff(carry(a, b), carry(b, c))`` thus
-    compares a section that comes back with the last document that had it, so a change made
-    while it was missing is reported once. A load balancer 404 forgets (it is explicit).
+    Each ``*_known`` becomes ``new``'s raw document with every object member it lacks, at
+    any depth, filled in from ``previous``'s memory (or raw document); ``tags`` and
+    ``tagsList`` are one section, remembered as the newest document that had either. None
+    when nothing is missing. ``diff(carry(a, b), carry(b, c))`` thus compares a section that
+    comes back with the last document that had it, so a change made while it was missing is
+    reported once. A load balancer 404 forgets (it is explicit: no load balancer).
     """
-    instance_known = _remember(_known_instance(previous), new.instance_raw)
-    loadbalancer_known = None
-    if not new.loadbalancer_absent:
-        loadbalancer_known = _remember(_known_loadbalancer(previous), new.loadbalancer_raw)
-    if (instance_known, loadbalancer_known) == (new.instance_known, new.loadbalancer_known):
+    memory = {
+        "instance_known": _remember(_known_instance(previous), new.instance_raw),
+        "scheduled_events_known": _remember(_known_events(previous), new.scheduled_events_raw),
+        "loadbalancer_known": None
+        if new.loadbalancer_absent
+        else _remember(_known_loadbalancer(previous), new.loadbalancer_raw),
+    }
+    if all(getattr(new, name) == value for name, value in memory.items()):
         return new
-    return msgspec.structs.replace(
-        new, instance_known=instance_known, loadbalancer_known=loadbalancer_known
-    )
+    return msgspec.structs.replace(new, **memory)
 
 
 def parse_tags(tags: str) -> dict[str, str]:
@@ -135,6 +136,21 @@ def _known_instance(snapshot: Snapshot) -> Raw | None:
     if snapshot.instance is not None and snapshot.instance_known is not None:
         return snapshot.instance_known
     return _instance_raw(snapshot)
+
+
+def _events_raw(snapshot: Snapshot) -> Raw | None:
+    if snapshot.scheduled_events is None:
+        return None
+    if snapshot.scheduled_events_raw is not None:
+        return snapshot.scheduled_events_raw
+    raw: Raw = msgspec.to_builtins(snapshot.scheduled_events)
+    return raw
+
+
+def _known_events(snapshot: Snapshot) -> Raw | None:
+    if snapshot.scheduled_events is not None and snapshot.scheduled_events_known is not None:
+        return snapshot.scheduled_events_known
+    return _events_raw(snapshot)
 
 
 def _loadbalancer_raw(snapshot: Snapshot) -> Raw | None:
@@ -414,13 +430,11 @@ def _vm_name(old: Snapshot, new: Snapshot) -> str:
     return ""
 
 
-def _events(snapshot: Snapshot, vm_name: str) -> dict[str, Raw] | None:
-    if snapshot.scheduled_events is None:
+def _events(raw: Raw | None, vm_name: str) -> dict[str, Raw] | None:
+    """The events naming this VM by EventId; None when unknown (not fetched, or absent)."""
+    events = None if raw is None else _items(raw, "Events")
+    if events is None:
         return None
-    raw = snapshot.scheduled_events_raw
-    if raw is None:
-        raw = msgspec.to_builtins(snapshot.scheduled_events)
-    events = _items(_obj(raw), "Events") or []
     if vm_name:
         wanted = vm_name.casefold()
         events = [
@@ -433,7 +447,7 @@ def _events(snapshot: Snapshot, vm_name: str) -> dict[str, Raw] | None:
 
 def _scheduled_event_changes(old: Snapshot, new: Snapshot) -> list[Change]:
     vm_name = _vm_name(old, new)
-    a, b = _events(old, vm_name), _events(new, vm_name)
+    a, b = _events(_known_events(old), vm_name), _events(_events_raw(new), vm_name)
     if a is None or b is None:
         return []
     return _keyed_changes("scheduled_events", a, b, ("added", "removed"))

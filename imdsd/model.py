@@ -373,7 +373,7 @@ class Instance(_Camel, frozen=True):
 class ScheduledEvent(_Pascal, frozen=True):
     """One maintenance event; ``not_before`` is an RFC 1123 date, ``""`` once started."""
 
-    event_id: str
+    event_id: str = ""
     event_type: str = ""
     resource_type: str = ""
     resources: list[str] = msgspec.field(default_factory=list)
@@ -385,10 +385,10 @@ class ScheduledEvent(_Pascal, frozen=True):
 
 
 class ScheduledEvents(_Pascal, frozen=True):
-    """``/metadata/scheduledevents``."""
+    """``/metadata/scheduledevents``; like every IMDS field, both are optional."""
 
-    document_incarnation: int
-    events: list[ScheduledEvent]
+    document_incarnation: int = 0
+    events: list[ScheduledEvent] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- load balancer
@@ -612,10 +612,9 @@ class Snapshot(msgspec.Struct, frozen=True):
     ``*_raw`` is the document exactly as IMDS sent it, so reads can serve fields the model
     does not know. ``None`` means not fetched yet (or the endpoint is disabled).
     ``loadbalancer_absent`` means IMDS answered 404 (no Standard Load Balancer); the diff
-    treats it as an empty load balancer. ``instance_known`` and ``loadbalancer_known`` are the
-    memory ``changes.carry`` keeps: the raw document with every section it lacks filled in
-    from the last document that had it (None: nothing is missing, the raw document is all
-    that is known). Persist with
+    treats it as an empty load balancer. ``*_known`` is the memory ``changes.carry`` keeps:
+    the raw document with every section it lacks filled in from the last document that had
+    it (None: nothing is missing, the raw document is all that is known). Persist with
     ``msgspec.json.encode`` and restore with ``msgspec.json.decode(data, type=Snapshot)``.
     """
 
@@ -627,6 +626,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     loadbalancer_raw: dict[str, Any] | None = None
     loadbalancer_absent: bool = False
     instance_known: dict[str, Any] | None = None
+    scheduled_events_known: dict[str, Any] | None = None
     loadbalancer_known: dict[str, Any] | None = None
 
     def with_instance(self, doc: bytes | Mapping[str, Any]) -> Snapshot:
@@ -640,7 +640,9 @@ class Snapshot(msgspec.Struct, frozen=True):
     def with_scheduled_events(self, doc: bytes | Mapping[str, Any]) -> Snapshot:
         """Return a copy holding this scheduled events document; raises ``DocumentError``."""
         typed, raw = parse_scheduled_events(_as_body(doc, "scheduled events"))
-        return msgspec.structs.replace(self, scheduled_events=typed, scheduled_events_raw=raw)
+        return msgspec.structs.replace(
+            self, scheduled_events=typed, scheduled_events_raw=raw, scheduled_events_known=None
+        )
 
     def with_loadbalancer(self, doc: bytes | Mapping[str, Any]) -> Snapshot:
         """Return a copy holding this load balancer document; raises ``DocumentError``."""

@@ -934,3 +934,17 @@ def test_diff_recursion_is_bounded_on_deep_snapshots_built_without_the_decoder()
     assert summary(found) == [("disks", "modified", "os"), ("compute", "modified", "vmSize")]
     [deep_path] = [f for f in found[0].fields or [] if f.startswith("encryptionSettings.x")]
     assert deep_path.count(".") <= 33  # cut at the depth bound
+
+
+def test_scheduled_events_absent_are_unknown_and_caught_up_when_back() -> None:
+    vm = LINUX["compute"]["name"]
+    first = with_events(event("A", vm), event("B", vm))
+    missing = carry(first, inst(LINUX).with_scheduled_events({"DocumentIncarnation": 2}))
+    assert diff(first, missing) == []
+    assert carry(missing, missing).scheduled_events_known == missing.scheduled_events_known
+    back = carry(missing, with_events(event("B", vm, status="Started"), incarnation=3))
+    assert summary(diff(missing, back)) == [
+        ("scheduled_events", "removed", "A"),
+        ("scheduled_events", "modified", "B"),
+    ]
+    assert back.scheduled_events_known is None

@@ -378,10 +378,10 @@ def test_not_json_truncated_or_not_an_object(data: bytes, fragment: str) -> None
         (model.decode_scheduled_events, b'{"DocumentIncarnation": 1, "Events": {}}', "$.Events"),
         (
             model.decode_scheduled_events,
-            b'{"DocumentIncarnation": 1, "Events": [{"EventType": "Reboot"}]}',
-            "$.Events[0]",
+            b'{"DocumentIncarnation": 1, "Events": [{"EventType": 1}]}',
+            "$.Events[0].EventType",
         ),
-        (model.decode_scheduled_events, b'{"Events": []}', "$"),
+        (model.decode_scheduled_events, b'{"Events": null}', "$.Events"),
         (
             model.decode_loadbalancer,
             b'{"loadbalancer": {"inboundRules": [{"frontendPort": "http"}]}}',
