@@ -83,6 +83,8 @@ def test_newest_versions_per_endpoint() -> None:
     [
         ("GET", "/metadata/instance/compute/tags?api-version=2021-02-01", Endpoint.INSTANCE, False),
         ("GET", "/metadata/versions", Endpoint.VERSIONS, False),
+        ("HEAD", "/metadata/versions", Endpoint.VERSIONS, False),
+        ("HEAD", "/metadata/identity/oauth2/token?resource=r", Endpoint.IDENTITY, True),
         ("GET", SE, Endpoint.SCHEDULED_EVENTS, False),
         ("POST", SE, Endpoint.SCHEDULED_EVENTS, True),
         ("GET", "/metadata/loadbalancer?api-version=2020-10-01", Endpoint.LOADBALANCER, False),

@@ -90,6 +90,7 @@ TABLE: list[tuple[str, str, list[tuple[str, str]], str]] = [
     ("GET", "/metadata/scheduledevents", [MD], "front"),
     ("GET", f"/metadata/instance?{V}=2021-02-01&{V}=2021-02-01", [MD], "front"),
     ("POST", f"/metadata/instance?{V}=2021-02-01", [MD], "front"),
+    ("HEAD", f"/metadata/instance?{V}=2021-02-01", [MD], "cache"),
     ("PUT", f"/metadata/scheduledevents?{V}=2020-07-01", [MD], "front"),
     ("GET", f"/metadata/instance?{V}=2016-01-01", [MD], "upstream"),
     ("GET", f"/metadata/instance?{V}=2099-01-01", [MD], "upstream"),

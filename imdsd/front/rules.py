@@ -9,7 +9,8 @@ headers) or a :class:`Routed` request:
 3. a query parameter given twice -> 400;
 4. on the endpoints the front answers from its cache (``/metadata/instance[/...]``,
    ``/metadata/versions``, ``/metadata/scheduledevents``, ``/metadata/loadbalancer``): GET only
-   (and POST on scheduled events, which is forwarded) -> 405 with ``Allow``; an
+   (and POST on scheduled events, which is forwarded; HEAD is answered as GET without a
+   body, as the emulator does) -> 405 with ``Allow``; an
    ``api-version`` is required except on ``/metadata/versions`` -> 400 with
    ``newest-versions``.
 
@@ -159,6 +160,8 @@ def check(
             "duplicate_params", 400, f"Bad request. Duplicate query parameter {duplicate!r}"
         )
     endpoint, segments = classify(unquote(raw_path))
+    if method == "HEAD" and endpoint in CACHED:
+        method = "GET"  # the HTTP server leaves the body out
     query = dict(pairs)
     routed = Routed(endpoint, method, segments, query.get("api-version"), query)
     if endpoint not in CACHED:
