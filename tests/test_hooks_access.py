@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -12,6 +13,8 @@ from test_hooks_dispatcher import _dispatcher, running, until
 from test_hooks_support import FakeLedger, change, tag
 
 from imdsd.api.access import REDACTED, AccessPolicy
+from imdsd.config import load_config
+from imdsd.daemon import Daemon
 from imdsd.frames import ChangeFrame
 from imdsd.hooks.access import frame_for_hook, hook_peer
 from imdsd.hooks.model import Hook, RunAs
@@ -89,3 +92,36 @@ async def test_a_hook_run_as_nobody_receives_what_the_socket_shows_nobody() -> N
     assert secret not in json.dumps(frames["as-nobody"])
     assert frames["as-root"]["changes"][0]["new"] == secret
     assert pwd.getpwnam("nobody").pw_uid not in POLICY.allow_uids
+
+
+def _daemon_config(tmp_path: Path, allow_uids: list[int]) -> Path:
+    path = tmp_path / "imdsd.toml"
+    path.write_text(
+        f"""
+[imds]
+endpoint = "http://127.0.0.1:9"
+[server]
+socket = "{tmp_path}/imdsd.sock"
+socket_group = ""
+restricted_allow_uids = {allow_uids}
+[state]
+directory = "{tmp_path}/state"
+[hooks]
+directory = "{tmp_path}/hooks.d"
+"""
+    )
+    return path
+
+
+async def test_the_daemon_gives_its_hooks_the_socket_policy_also_after_a_reload(
+    tmp_path: Path,
+) -> None:
+    path = _daemon_config(tmp_path, [0])
+    daemon = Daemon(load_config(str(path)), str(path))
+    assert daemon.hooks.policy is daemon.api.policy
+    seen = frame_for_hook(FRAME, NOBODY, daemon.hooks.policy, 0, 0)
+    assert _values(seen)[0] == ("userData", REDACTED, REDACTED)
+    _daemon_config(tmp_path, [0, NOBODY.uid])
+    assert await daemon.reload()
+    assert daemon.hooks.policy is daemon.api.policy
+    assert frame_for_hook(FRAME, NOBODY, daemon.hooks.policy, 0, 0) is FRAME
