@@ -427,9 +427,12 @@ class LoadBalancerInfo(_Camel, frozen=True):
 
 
 class LoadBalancer(_Camel, frozen=True):
-    """``/metadata/loadbalancer`` (Standard Load Balancer only; 404 otherwise)."""
+    """``/metadata/loadbalancer`` (Standard Load Balancer only; 404 otherwise).
 
-    loadbalancer: LoadBalancerInfo
+    As in every IMDS document, the section and its lists are optional: absent is unknown.
+    """
+
+    loadbalancer: LoadBalancerInfo = msgspec.field(default_factory=LoadBalancerInfo)
 
 
 # ---------------------------------------------------------------------------- misc documents

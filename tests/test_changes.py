@@ -906,6 +906,13 @@ def test_loadbalancer_lists_absent_are_unknown() -> None:
         ("loadbalancer", "removed", "rule:inbound:tcp:50.0.0.1:80")
     ]
     assert carry(last, Snapshot().with_loadbalancer_absent()).loadbalancer_known is None
+    no_section = carry(last, with_lb({}))
+    assert diff(last, no_section) == []
+    back = carry(no_section, with_lb(lb_doc(inbound=[inbound("50.0.0.2", 81)])))
+    assert summary(diff(no_section, back)) == [
+        ("loadbalancer", "added", "rule:inbound:tcp:50.0.0.2:81")
+    ]
+    assert no_section.loadbalancer_known == last.loadbalancer_raw
 
 
 def test_snapshot_with_memory_round_trips_and_old_state_decodes() -> None:
