@@ -69,7 +69,7 @@ class CacheAnswers:
         self.ctx = ctx
         self.polled = polled
         self.policy = policy
-        self._memo: dict[Any, Answer | None] = {}
+        self._memo: dict[Any, Any] = {}
         self._memo_key: Any = None
 
     def known_versions(self) -> Sequence[str]:
@@ -115,7 +115,8 @@ class CacheAnswers:
             return False
         return version in self.known_versions()
 
-    def _memo_for(self, key: Any) -> dict[Any, Answer | None]:
+    def _memo_for(self, key: Any) -> dict[Any, Any]:
+        """Rendered bodies and shaped documents for one document, revision and policy."""
         if key != self._memo_key or len(self._memo) >= MAX_MEMO:
             self._memo = {}
             self._memo_key = key
@@ -133,33 +134,58 @@ class CacheAnswers:
         if not self._version_ok("instance", version, polled):
             return None
         policy = self.policy()
-        level = policy.level(peer)
-        access = policy.instance_access(request.segments, level)
+        access = policy.instance_access(request.segments, policy.level(peer))
+        meta = _meta(self.ctx.revision, fresh)
         if access == "deny":
             body = error_body(f"Forbidden. {'/'.join(request.segments)} is restricted")
-            return Answer(403, body, JSON_TYPE, _meta(self.ctx.revision, fresh), "refused")
-        memo = self._memo_for((id(raw), polled, self.ctx.revision, fresh, id(policy)))
-        key = (version, tuple(request.segments), request.query.get("format"), access)
-        if key in memo:
-            return memo[key]
-        shaped = instance_at(raw, version, polled)
-        if shaped is None:
-            memo[key] = None
-            return None
-        if access == "filtered":
-            shaped = policy.redact_instance(shaped)
-        meta = _meta(self.ctx.revision, fresh)
-        result = "stale" if fresh.stale else "cached"
-        try:
-            fmt = parse_format(request.query.get("format"))
-            body, content_type = render(
-                resolve(shaped, request.segments), fmt, leaf_json_allowed=False
+            return Answer(403, body, JSON_TYPE, meta, "refused")
+        memo = self._memo_for((id(raw), polled, self.ctx.revision, id(policy)))
+        fmt = request.query.get("format")
+        key = (version, tuple(request.segments), fmt, access)
+        if key not in memo:
+            memo[key] = self._render(
+                memo,
+                raw,
+                version=version,
+                polled=polled,
+                access=access,
+                segments=request.segments,
+                fmt=fmt,
             )
-            answer = Answer(200, body, content_type, meta, result)
+        rendered: tuple[int, bytes, str] | None = memo[key]
+        if rendered is None:
+            return None
+        status, body, content_type = rendered
+        return Answer(status, body, content_type, meta, "stale" if fresh.stale else "cached")
+
+    def _render(
+        self,
+        memo: dict[Any, Any],
+        raw: Any,
+        *,
+        version: str,
+        polled: str,
+        access: str,
+        segments: list[str],
+        fmt: str | None,
+    ) -> tuple[int, bytes, str] | None:
+        """Status, body and content type of one instance read (None: not exact, forward)."""
+        doc_key = ("document", version, access)
+        if doc_key not in memo:
+            shaped = instance_at(raw, version, polled)
+            if shaped is not None and access == "filtered":
+                shaped = self.policy().redact_instance(shaped)
+            memo[doc_key] = shaped
+        shaped = memo[doc_key]
+        if shaped is None:
+            return None
+        try:
+            body, content_type = render(
+                resolve(shaped, segments), parse_format(fmt), leaf_json_allowed=False
+            )
         except FilterError as exc:
-            answer = Answer(exc.status, error_body(str(exc)), JSON_TYPE, meta, result)
-        memo[key] = answer
-        return answer
+            return exc.status, error_body(str(exc)), JSON_TYPE
+        return 200, body, content_type
 
     def _document(
         self,
