@@ -1,0 +1,137 @@
+"""Front answers from the cache (sans-IO): when the cache answers, and what it answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from test_api_support import FETCHED, FakeContext, full_snapshot, started_context
+
+from imdsd.api.access import AccessPolicy, Peer
+from imdsd.api.context import Freshness
+from imdsd.front.cache import CacheAnswers
+from imdsd.front.rules import Endpoint, Routed
+from imdsd.upstream.versions import GENERAL_VERSIONS
+
+POLLED = {"instance": "2021-02-01", "scheduled_events": "2020-07-01", "loadbalancer": "2021-02-01"}
+POLICY = AccessPolicy(["compute/userData"], allow_uids=[0])
+ROOT = Peer(1, 0, 0)
+AGENT = Peer(2, 1000, 1000)
+
+
+def answers(ctx: FakeContext, polled: dict[str, str] | None = None) -> CacheAnswers:
+    return CacheAnswers(ctx, lambda: POLLED if polled is None else polled, lambda: POLICY)
+
+
+def get(endpoint: Endpoint, version: str | None, *segments: str, **query: str) -> Routed:
+    return Routed(endpoint, "GET", list(segments), version, query)
+
+
+def decode(body: bytes) -> Any:
+    return msgspec.json.decode(body)
+
+
+def test_instance_at_an_older_version_with_imdsd_headers() -> None:
+    ctx = started_context()
+    answer = answers(ctx).answer(get(Endpoint.INSTANCE, "2019-06-01", "compute"), ROOT)
+    assert answer is not None
+    compute = decode(answer.body)
+    assert "storageProfile" in compute
+    assert "tagsList" not in compute
+    assert answer.result == "cached"
+    assert dict(answer.headers) == {
+        "x-imdsd-source": "cache",
+        "x-imdsd-revision": str(ctx.revision),
+        "x-imdsd-fetched-at": "2023-11-14T22:13:20.000Z",
+        "x-imdsd-stale": "false",
+    }
+
+
+@pytest.mark.parametrize(
+    ("version", "polled"),
+    [
+        ("2021-05-01", POLLED),  # newer than imdsd's
+        ("2020-01-01", POLLED),  # not a version IMDS lists
+        ("2021-02-01", {}),  # imdsd's own version unknown
+    ],
+)
+def test_instance_forwarded_when_not_exact(version: str, polled: dict[str, str]) -> None:
+    assert answers(started_context(), polled).answer(get(Endpoint.INSTANCE, version), ROOT) is None
+
+
+def test_nothing_cached_or_never_fetched_in_this_run_is_forwarded() -> None:
+    assert answers(FakeContext()).answer(get(Endpoint.INSTANCE, "2021-02-01"), ROOT) is None
+    ctx = started_context()
+    ctx.fresh["instance"] = Freshness(None, False)  # restored from disk
+    assert answers(ctx).answer(get(Endpoint.INSTANCE, "2021-02-01"), ROOT) is None
+
+
+def test_stale_answers_say_so() -> None:
+    ctx = started_context()
+    ctx.fresh["instance"] = Freshness(FETCHED, True)
+    answer = answers(ctx).answer(get(Endpoint.INSTANCE, "2021-02-01"), ROOT)
+    assert answer is not None
+    assert answer.result == "stale"
+    assert dict(answer.headers)["x-imdsd-stale"] == "true"
+
+
+def test_restricted_paths_by_uid() -> None:
+    cache = answers(started_context())
+    denied = cache.answer(get(Endpoint.INSTANCE, "2021-02-01", "compute", "userData"), AGENT)
+    assert denied is not None
+    assert (denied.status, denied.result) == (403, "refused")
+    allowed = cache.answer(
+        get(Endpoint.INSTANCE, "2021-02-01", "compute", "userData", format="text"), ROOT
+    )
+    assert allowed is not None
+    assert allowed.body == b"c2VjcmV0"
+    redacted = cache.answer(get(Endpoint.INSTANCE, "2021-02-01", "compute"), AGENT)
+    full = cache.answer(get(Endpoint.INSTANCE, "2021-02-01", "compute"), None)
+    assert redacted is not None
+    assert full is not None
+    assert "userData" not in decode(redacted.body)
+    assert "userData" not in decode(full.body)  # unknown peers are not privileged
+
+
+def test_filtering_errors_are_imdss() -> None:
+    cache = answers(started_context())
+    leaf = cache.answer(get(Endpoint.INSTANCE, "2021-02-01", "compute", "vmId"), ROOT)
+    missing = cache.answer(get(Endpoint.INSTANCE, "2021-02-01", "nope"), ROOT)
+    assert leaf is not None
+    assert missing is not None
+    assert (leaf.status, missing.status) == (400, 404)
+    again = cache.answer(get(Endpoint.INSTANCE, "2021-02-01", "compute", "vmId"), ROOT)
+    assert again is not None
+    assert again.body == leaf.body
+
+
+def test_scheduled_events_by_their_own_versions() -> None:
+    cache = answers(started_context())
+    old = cache.answer(get(Endpoint.SCHEDULED_EVENTS, "2019-01-01"), AGENT)
+    assert old is not None
+    (event,) = decode(old.body)["Events"]
+    assert "Description" not in event
+    assert "DurationInSeconds" not in event
+    assert cache.answer(get(Endpoint.SCHEDULED_EVENTS, "2021-02-01"), AGENT) is None
+
+
+def test_loadbalancer_and_its_absence() -> None:
+    ctx = started_context()
+    cache = answers(ctx)
+    assert cache.answer(get(Endpoint.LOADBALANCER, "2020-10-01"), AGENT) is not None
+    assert cache.answer(get(Endpoint.LOADBALANCER, "2020-09-01"), AGENT) is None
+    ctx.apply(full_snapshot().with_loadbalancer_absent())
+    assert cache.answer(get(Endpoint.LOADBALANCER, "2020-10-01"), AGENT) is None
+
+
+def test_versions_are_upstreams_list() -> None:
+    ctx = started_context()
+    cache = answers(ctx)
+    assert cache.answer(get(Endpoint.VERSIONS, None), AGENT) is None
+    assert cache.known_versions() == GENERAL_VERSIONS
+    ctx.known_versions = ["2017-03-01", "2021-02-01"]
+    answer = cache.answer(get(Endpoint.VERSIONS, None), AGENT)
+    assert answer is not None
+    assert decode(answer.body) == {"apiVersions": ["2017-03-01", "2021-02-01"]}
+    assert cache.answer(get(Endpoint.INSTANCE, "2019-06-01"), ROOT) is None  # not listed now
