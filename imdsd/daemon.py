@@ -28,18 +28,21 @@ from imdsd.api.metrics import Metrics
 from imdsd.api.server import ApiServer, ListenError, open_listeners
 from imdsd.broadcast import Subscription
 from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail
-from imdsd.config import Config, ConfigError, load_config
+from imdsd.config import Config, ConfigError, ServerConfig, load_config
+from imdsd.fdlimit import FdLimitError, ensure_fd_limit, reserve
 from imdsd.frames import ChangeFrame, GoneFrame
 from imdsd.front.server import FD_NAME as FRONT_FD_NAME
+from imdsd.front.server import MAX_CONNECTIONS as FRONT_MAX_CONNECTIONS
 from imdsd.front.server import FrontServer, open_front_listeners
 from imdsd.health import HealthBoard
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
 from imdsd.hooks.tree import become_subreaper
 from imdsd.httpio import ClientConnection, HttpIOError, open_unix
-from imdsd.keeper import StateKeeper, load_store
+from imdsd.keeper import StateKeeper
 from imdsd.logs import configure_logging
 from imdsd.metrics_server import FD_NAME as METRICS_FD_NAME
+from imdsd.metrics_server import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from imdsd.metrics_server import MetricsServer, addresses, open_metrics_listeners
 from imdsd.model import Snapshot
 from imdsd.persist import PersistError
@@ -137,9 +140,8 @@ class Daemon:
         self.inherited = list(inherited)
         self.metrics_inherited = list(metrics_inherited)
         self.front_inherited = list(front_inherited)
-        self.keeper = StateKeeper(
-            load_store(config.state.directory, config.state.history), config.state.directory
-        )
+        state = config.state
+        self.keeper = StateKeeper.load(state.directory, state.history, state.history_bytes)
         self.board = HealthBoard()
         self.budget = Budget(config.imds.max_requests_per_second)
         self.metrics = Metrics()
@@ -153,11 +155,19 @@ class Daemon:
         )
         self.metrics.hooks = self.hooks.metrics
         self.metrics.revision.track(lambda: self.keeper.revision)
+        self.metrics.state_save_failures.track(lambda: self.keeper.save_failures)
+        self.metrics.state_saved.track(lambda: float(self.keeper.save_error is None))
+        self.metrics.state_last_save.track(lambda: self.keeper.saved_at or 0.0)
         self.metrics.budget_in_use.track(lambda: self.budget.in_use())  # noqa: PLW0108 - rebound on reload
         self.metrics.budget_rate.track(lambda: self.budget.rate)
         self.metrics.budget_waiting.track(lambda: self.budget.waiting)
         self.metrics.upstream_freshness = self.freshness
         self.keeper.listeners.append(lambda frame: self.metrics.count_changes(frame.changes))
+        recent = self.keeper.frames_since(max(self.keeper.revision - 1, 0))
+        self.last_change = (
+            _change_summary(recent[-1]) if isinstance(recent, list) and recent else None
+        )
+        self.keeper.listeners.append(self._note_change)
         self.api = ApiServer(DaemonContext(self), config.server, self.metrics)
         self.hooks.policy = self.api.policy  # hooks see what the socket shows their uid
         self.keeper.listeners.append(self.api.deliver)
@@ -207,13 +217,21 @@ class Daemon:
             watchers=self.api.watchers.active,
             connections=self.api.http.active,
             state_save_failures=self.keeper.save_failures,
+            state_save=self.keeper.save_status(),
+            last_change=self.last_change,
             hooks={s.name: msgspec.to_builtins(s) for s in self.hooks.status()},
         )
         doc.update(self.client.status())
+        if self.keeper.save_error is not None and doc["status"] == "ok":
+            doc["status"] = "degraded"  # serving the last revision that is on disk
+            doc["reason"] = f"state not saved: {self.keeper.save_error}"
         if self.front is not None:
             doc.update(front=self.front.status(), callers=self.front.callers())
             doc.update(redirect=self.redirect.status())
         return doc
+
+    def _note_change(self, frame: ChangeFrame) -> None:
+        self.last_change = _change_summary(frame)
 
     def status_line(self) -> str:
         """A one-line human status for systemd's ``STATUS=``."""
@@ -335,7 +353,7 @@ class Daemon:
             return False
         old, self.config = self.config, new
         configure_logging(new.log.level, new.log.format)
-        for key in ("socket", "socket_mode", "socket_group", "max_connections"):
+        for key in ("socket", "socket_mode", "socket_group"):
             if getattr(old.server, key) != getattr(new.server, key):
                 log.warning("setting needs a restart to apply", key=f"server.{key}")
         if old.state != new.state:
@@ -353,13 +371,25 @@ class Daemon:
             self.client = ImdsClient(new.imds, self.budget, metrics=self.metrics)
             self._pollers_scope.cancel()  # _run_pollers restarts them with the new client
             await old_client.aclose()
-        self.api.reconfigure(new.server)
+        self.api.reconfigure(self._carried(new, old.server.max_connections))
         self.hooks.policy = self.api.policy
         self.hooks.replace_hooks(load_hooks(new))
         self.hooks.set_max_parallel(new.hooks.max_parallel)
         log.info("configuration reloaded", path=self.config_path)
         self.notifier.ready(self.status_line())
         return True
+
+    def _carried(self, new: Config, running: int) -> ServerConfig:
+        """``new.server``, unless the descriptor limit cannot carry its ``max_connections``:
+        then (logged) the same section with the running ``max_connections``."""
+        front = self.front is not None
+        metrics = bool(new.metrics.listen or self.metrics_inherited)
+        try:
+            ensure_fd_limit(new.server.max_connections, fd_reserve(new, front, metrics))
+        except FdLimitError as exc:
+            log.error("max_connections not changed", error=str(exc), kept=running)
+            return msgspec.structs.replace(new.server, max_connections=running)
+        return new.server
 
     async def _report_status(self) -> None:
         while True:
@@ -391,12 +421,25 @@ class Daemon:
             await trio.sleep(interval)
 
 
+def _change_summary(frame: ChangeFrame) -> dict[str, Any]:
+    """``{"revision", "at", "kinds"}`` of a change frame, for ``imdsd status``."""
+    kinds = sorted({change.kind for change in frame.changes})
+    return {"revision": frame.revision, "at": frame.at, "kinds": kinds}
+
+
 def _unix_path(sock: Any) -> str | None:
     try:
         name = sock.getsockname()
     except OSError:
         return None
     return name if isinstance(name, str) and name else None
+
+
+def fd_reserve(config: Config, front: bool, metrics: bool) -> int:
+    """Descriptors kept apart from ``server.max_connections`` (see :mod:`imdsd.fdlimit`)."""
+    listeners = {"front": FRONT_MAX_CONNECTIONS if front else 0}
+    listeners["metrics"] = METRICS_MAX_CONNECTIONS if metrics else 0
+    return reserve(config.hooks.max_parallel, listeners)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -414,6 +457,13 @@ def run_command(args: argparse.Namespace) -> int:
         metrics_inherited = [sock for sock, name in passed if name == METRICS_FD_NAME]
     except SystemdError as exc:
         return fail(str(exc), EXIT_CONFIG)
+    front = bool(config.front.listen or front_inherited)
+    reserved = fd_reserve(config, front, bool(config.metrics.listen or metrics_inherited))
+    try:
+        fds = ensure_fd_limit(config.server.max_connections, reserved)
+    except FdLimitError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    log.info("file descriptors", soft_limit=fds.soft, was=fds.was, hard=fds.hard, need=fds.needed)
     try:
         daemon = Daemon(
             config,
@@ -423,13 +473,13 @@ def run_command(args: argparse.Namespace) -> int:
             metrics_inherited=metrics_inherited,
             front_inherited=front_inherited,
         )
+        # orphans of hooks become our children, so the hook runner can find and reap them
+        daemon.hooks.adopt_orphans = become_subreaper()
         trio.run(daemon.run)
     except ListenError as exc:
         return fail(str(exc), EXIT_FAILURE)
     except PersistError as exc:
         return fail(str(exc), EXIT_FAILURE)
     finally:
-        # orphans of hooks become our children, so the hook runner can find and reap them
-        daemon.hooks.adopt_orphans = become_subreaper()
         notifier.close()
     return EXIT_OK
