@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from daemon_support import emulator, write_config
+from daemon_support import daemon, emulator, write_config
 from emulator_support import Emulator
 
 from imdsd import httpio
@@ -264,3 +265,30 @@ async def test_forwarded_requests_share_the_budget(tmp_path: Path) -> None:
     assert stats["peak_rps"] <= 4
     assert statuses.count(200) == results["forwarded"] >= 3
     assert statuses.count(429) == results["throttled"] == 20 - results["forwarded"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate"
+)
+async def test_socket_activated_front(tmp_path: Path) -> None:
+    port = _free_port()
+    api = str(tmp_path / "activated.sock")
+    async with emulator(rate_limit=0) as emu:
+        config = write_config(tmp_path, emu.url)  # no [front] listen: only the passed fd
+        prefix = ["systemd-socket-activate", "-l", api, "-l", f"127.0.0.1:{port}"]
+        async with daemon(config, argv_prefix=[*prefix, "--fdname=api:front"]) as proc:
+            proc.socket = api
+            await proc.wait_ready()
+            answer = await call(port, "GET", "/metadata/instance?api-version=2021-02-01", [MD])
+            health = msgspec.json.decode((await proc.get("/v1/health")).body)
+            assert await proc.stop() == 0
+    assert answer.status == 200
+    assert imdsd_headers(answer)["x-imdsd-source"] == "cache"
+    assert health["front"]["listen"] == [f"127.0.0.1:{port}"]
+    assert health["callers"][0]["cached"] == 1
