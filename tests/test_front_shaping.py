@@ -11,6 +11,7 @@ import pytest
 from imdsd.emulator.profiles import AZURE, SCHEDULED_EVENTS_VERSIONS
 from imdsd.front.shaping import (
     INSTANCE_FIELDS,
+    KNOWN_CHILDREN,
     events_at,
     instance_at,
     strip_newer,
@@ -92,3 +93,22 @@ def test_scheduled_events_match_the_emulator(version: str) -> None:
     }
     assert events_at(doc, version, "2020-07-01") == AZURE.shape_scheduled_events(doc, version)
     assert events_at(doc, "2021-01-01", "2020-07-01") is None
+
+
+# Fields the IMDS documentation lists that the API description leaves out.
+DOCUMENTED_ONLY = {
+    "compute": {"customData"},
+    "compute.storageProfile.dataDisks.*": {"encryptionSettings"},
+}
+
+
+@pytest.mark.parametrize("version", ["2018-10-01", "2020-06-01"])
+def test_fields_served_at_a_version_are_the_api_descriptions(version: str) -> None:
+    described = _golden("imds-api-description-fields.json")[version]
+    for container, names in described.items():
+        served = {
+            name
+            for name in KNOWN_CHILDREN[container]
+            if INSTANCE_FIELDS.get(f"{container}.{name}", "") <= version
+        }
+        assert served - DOCUMENTED_ONLY.get(container, set()) == set(names), container

@@ -8,9 +8,12 @@ forwarded instead (:func:`instance_at` returns None).
 
 Sources: the "Version introduced" column of the IMDS documentation's schema tables, checked
 against the compute definitions of the official API description (azure-rest-api-specs,
-``specification/imds/data-plane/Microsoft.InstanceMetadataService/stable/<version>/imds.json``:
-e.g. the 2018-10-01 description is the first with ``azEnvironment`` and ``provider`` and has
-no ``customData``). ``physicalZone`` has no version there (rolling out); 2023-11-15 is assumed.
+``specification/imds/data-plane/Microsoft.InstanceMetadataService/stable/<version>/imds.json``;
+the compute fields of its 2018-10-01 and 2020-06-01 descriptions are kept in
+``tests/data/imds-api-description-fields.json`` and the table must serve exactly those at
+those versions, apart from ``customData`` and data disks' ``encryptionSettings``, which the
+documentation lists and the description leaves out). ``physicalZone`` has no version there
+(rolling out); 2023-11-15 is assumed.
 Fields of the first versions (2017-03-01/04-02) have no entry and are always served.
 Scheduled Events has its own track: ``Description`` came with 2019-04-01, ``EventSource``
 with 2019-08-01, ``DurationInSeconds`` with 2020-07-01.
