@@ -34,7 +34,7 @@ from imdsd.upstream.client import ImdsClient
 log = structlog.get_logger("imdsd.front")
 
 FD_NAME: Final = "front"
-MAX_CONNECTIONS: Final = 4096
+MAX_CONNECTIONS: Final = 1024  # agents hold few connections each; beyond this, 503
 TOP_CALLERS: Final = 10
 LIMITS: Final = ServerLimits(
     max_head=16384, max_body=65536, idle_timeout=60.0, request_timeout=10.0, drain_timeout=1.0
