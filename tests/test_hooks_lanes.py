@@ -50,10 +50,13 @@ async def test_directory_hooks_run_one_after_another_in_lexical_order(tmp_path: 
     hooks = scan_directory(str(tmp_path), euid=0, debounce=0.0, retries=0)
     ledger = FakeLedger()
     async with running(_dispatcher(hooks, ledger, max_parallel=8)):
+        mount, use = recorders["10-mount"], recorders["30-use"]
         for i in range(12):
             ledger.append(_disk(i))
-            if i % 3 == 0:  # sometimes wait, sometimes store while the lane is busy
+            if i % 3 == 0:  # wait for the pass to end
                 await until(lambda: all(ledger.delivered(n) == ledger.revision for n in NAMES))
+            elif i % 3 == 1:  # store the next change in the middle of a pass
+                await until(lambda: len(mount.runs()) > len(use.runs()))
         await until(lambda: all(ledger.delivered(n) == ledger.revision for n in NAMES))
     runs = _runs(recorders)
     names = [name for _, _, name in runs]
@@ -63,6 +66,10 @@ async def test_directory_hooks_run_one_after_another_in_lexical_order(tmp_path: 
     for rec in recorders.values():  # every hook got every disk, coalesced or not
         luns = {c["key"] for r in rec.runs() for c in r["frame"]["changes"]}
         assert luns == {f"lun:{i}" for i in range(12)}
+    passes = zip(*(recorders[name].runs() for name in NAMES), strict=True)
+    for runs_of_a_pass in passes:  # a pass delivers the same changes to each hook, in order
+        frames = [run["frame"] for run in runs_of_a_pass]
+        assert all(frame == frames[0] for frame in frames), frames
 
 
 async def test_a_failing_directory_hook_does_not_stop_the_next_and_is_retried_alone(

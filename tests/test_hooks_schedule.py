@@ -246,3 +246,30 @@ def test_a_mark_moved_by_the_ledger_is_taken_without_a_gone() -> None:
     ledger.mark_delivered("h", 1)
     assert schedule.next_action(0.0) == IDLE
     assert schedule.delivered == 1
+
+
+def test_a_run_limited_to_a_revision_leaves_later_changes_for_the_next_run() -> None:
+    ledger = FakeLedger()
+    schedule = HookSchedule(_hook(debounce=1.0), ledger)
+    for key in "abc":
+        ledger.append(tag("added", key, new="1"))
+    assert schedule.next_action(0.0) == WaitUntil(1.0)
+    delivery = schedule.start(5.0, upto=2)
+    assert delivery.frame is not None
+    assert (delivery.frame.revision, delivery.frame.covers) == (2, [1, 2])
+    assert [c.key for c in delivery.frame.changes] == ["a", "b"]
+    assert schedule.finished(5.5, Outcome.OK).result == "ok"
+    assert schedule.delivered == 2
+    assert schedule.next_action(5.5) == WaitUntil(6.0)  # revision 3's window opened at 5.0
+    rest = schedule.start(6.0, upto=9)
+    assert rest.frame is not None
+    assert [c.key for c in rest.frame.changes] == ["c"]
+
+
+def test_a_limit_at_or_below_the_delivered_revision_runs_nothing() -> None:
+    ledger = FakeLedger()
+    schedule = HookSchedule(_hook(debounce=0.0), ledger)
+    ledger.append(tag("added", "a", new="1"))
+    assert schedule.start(0.0, upto=0).frame is None
+    assert schedule.delivered == 0
+    assert schedule.next_action(0.0) == READY

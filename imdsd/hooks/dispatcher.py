@@ -313,8 +313,9 @@ class HookDispatcher:
     async def _lane_step(self, lane: Lane) -> None:
         """Run one pass over the lane when a hook is due, else wait for the earliest one.
 
-        In a pass each due hook runs after the previous one ended; a failed hook does not stop
-        the pass, and is retried in a later pass once its own backoff has passed.
+        In a pass each due hook runs after the previous one ended, with the changes up to the
+        revision stored when the pass began (later ones go to the next pass); a failed hook
+        does not stop the pass, and is retried in a later pass once its own backoff passed.
         """
         lane.wake = trio.Event()
         wait_until = math.inf
@@ -330,12 +331,15 @@ class HookDispatcher:
             with trio.move_on_at(wait_until):
                 await lane.wake.wait()
             return
+        target = self._ledger.revision
         for worker in self._members(lane):
             lane.current = worker
             if self._stopping:
                 return
-            if isinstance(worker.schedule.next_action(trio.current_time()), Ready):
-                await self._deliver(worker)
+            schedule = worker.schedule
+            due = schedule.delivered < target
+            if due and isinstance(schedule.next_action(trio.current_time()), Ready):
+                await self._deliver(worker, upto=target)
             self._forget_removed(worker)
 
     async def _step(self, worker: Worker) -> None:
@@ -350,13 +354,13 @@ class HookDispatcher:
         else:
             await worker.wake.wait()
 
-    async def _deliver(self, worker: Worker) -> None:
+    async def _deliver(self, worker: Worker, upto: int | None = None) -> None:
         async with self._limiter:
             if self._stopping or worker.removed:
                 return
             schedule = worker.schedule
             hook = schedule.hook
-            delivery = schedule.start(trio.current_time())
+            delivery = schedule.start(trio.current_time(), upto)
             if delivery.gone_oldest is not None:
                 log.warning(
                     "hook history incomplete",

@@ -187,17 +187,23 @@ class HookSchedule:
         due = self._pending_since + self._hook.debounce
         return READY if now >= due else WaitUntil(due)
 
-    def start(self, now: float) -> Delivery:
-        """Begin a run at ``now``: the coalesced frame of every change since delivered."""
+    def start(self, now: float, upto: int | None = None) -> Delivery:
+        """Begin a run at ``now``: the coalesced frame of every change since delivered.
+
+        ``upto`` stops the frame at that revision (a directory pass gives each of its hooks
+        the same changes); later changes stay pending, their window opening at ``now``.
+        """
         self._catch_up()
-        upto = self._ledger.revision
+        revision = self._ledger.revision
+        upto = revision if upto is None else min(upto, revision)
         frames = self._ledger.frames_since(self._delivered)
         gone: int | None = None
         if isinstance(frames, GoneFrame):
             gone = frames.oldest
             available = self._ledger.frames_since(frames.oldest)
             frames = [] if isinstance(available, GoneFrame) else available
-        self._pending_since = None
+        frames = [f for f in frames if f.revision <= upto]
+        self._pending_since = None if upto >= revision else now
         self._retry_at = None
         frame = coalesce(frames, self._hook.kinds)
         delivery = Delivery(frame=frame, upto=upto, attempt=self._failures + 1, gone_oldest=gone)
