@@ -13,6 +13,7 @@ from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, fail
 from imdsd.client import ApiError, Client, DaemonUnreachable, error_message, read_target
 from imdsd.config import ConfigError, load_config, render_toml
 from imdsd.frames import KINDS, Change, ChangeFrame, Frame, StateFrame, encode_line
+from imdsd.instance_paths import restricted_path_problems
 
 
 class _UsageError(Exception):
@@ -164,10 +165,15 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def check_config_command(args: argparse.Namespace) -> int:
-    """``imdsd check-config [-c FILE]``: print the effective config, or one error line (78)."""
+    """``imdsd check-config [-c FILE]``: print the effective config, or one error line (78).
+
+    Restricted paths that can match no instance key are warned about on stderr (exit 0).
+    """
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return fail(str(exc), EXIT_CONFIG)
     sys.stdout.write(render_toml(cfg))
+    for problem in restricted_path_problems(cfg.server.restricted_paths):
+        sys.stderr.write(f"imdsd: warning: {problem}\n")
     return EXIT_OK

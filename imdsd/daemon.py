@@ -39,6 +39,7 @@ from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
 from imdsd.hooks.tree import become_subreaper
 from imdsd.httpio import ClientConnection, HttpIOError, open_unix
+from imdsd.instance_paths import restricted_path_problems
 from imdsd.keeper import StateKeeper
 from imdsd.logs import configure_logging
 from imdsd.metrics_server import FD_NAME as METRICS_FD_NAME
@@ -136,6 +137,7 @@ class Daemon:
     ) -> None:
         self.config = config
         self.config_path = config_path
+        warn_restricted_paths(config)
         self.notifier = notifier or Notifier(None)
         self.inherited = list(inherited)
         self.metrics_inherited = list(metrics_inherited)
@@ -353,6 +355,7 @@ class Daemon:
             return False
         old, self.config = self.config, new
         configure_logging(new.log.level, new.log.format)
+        warn_restricted_paths(new)
         for key in ("socket", "socket_mode", "socket_group"):
             if getattr(old.server, key) != getattr(new.server, key):
                 log.warning("setting needs a restart to apply", key=f"server.{key}")
@@ -433,6 +436,12 @@ def _unix_path(sock: Any) -> str | None:
     except OSError:
         return None
     return name if isinstance(name, str) and name else None
+
+
+def warn_restricted_paths(config: Config) -> None:
+    """Log each ``server.restricted_paths`` entry that can match no instance key."""
+    for problem in restricted_path_problems(config.server.restricted_paths):
+        log.warning("restricted path protects nothing", problem=problem)
 
 
 def fd_reserve(config: Config, front: bool, metrics: bool) -> int:
