@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+from daemon_support import daemon, emulator, write_config
 from structlog.testing import capture_logs
 from test_hooks_dispatcher import Recorder, _dispatcher, running, until
 from test_hooks_support import FakeLedger, tag
@@ -208,3 +209,24 @@ def test_a_subreaper_daemon_kills_leftovers_that_escaped_the_tree(tmp_path: Path
     assert int(done.stdout.split()[-1]) == 1, done.stderr
     [pid] = _pids(pidfile)
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped by the subreaper
+
+
+async def test_the_daemon_kills_and_reaps_what_a_hook_double_forked(tmp_path: Path) -> None:
+    pidfile = tmp_path / "escaped"
+    hook = tmp_path / "double-fork"
+    hook.write_text(f"#!/bin/sh\n(setsid sleep 1000 & echo $! > {pidfile}) &\nwait\n")
+    hook.chmod(0o755)
+    extra = f'[[hook]]\nname = "df"\non = ["tags"]\ncommand = ["{hook}"]\ndebounce = "0s"\n'
+    async with emulator() as emu:
+        config = write_config(tmp_path, emu.endpoint, extra)
+        async with daemon(config) as proc:
+            await proc.wait_ready()
+            await emu.action(action="set_tag", name="escape", value="1")
+            await until(lambda: len(_pids(pidfile)) == 1)
+            [pid] = _pids(pidfile)
+            await until(lambda: not os.path.exists(f"/proc/{pid}"))  # killed and reaped
+            assert await proc.stop() == 0
+    events = proc.log_events()
+    finished = [e for e in events if e.get("event") == "hook finished" and e["hook"] == "df"]
+    swept = [e for e in events if e.get("event") == "hook leftovers killed"]
+    assert finished[0].get("leftovers_killed") or swept, events
