@@ -10,7 +10,7 @@ from test_api_support import FETCHED, FakeContext, full_snapshot, started_contex
 
 from imdsd.api.access import AccessPolicy, Peer
 from imdsd.api.context import Freshness
-from imdsd.front.cache import CacheAnswers
+from imdsd.front.cache import Answer, CacheAnswers, redact_forwarded
 from imdsd.front.rules import Endpoint, Routed
 from imdsd.upstream.versions import GENERAL_VERSIONS
 
@@ -135,3 +135,41 @@ def test_versions_are_upstreams_list() -> None:
     assert answer is not None
     assert decode(answer.body) == {"apiVersions": ["2017-03-01", "2021-02-01"]}
     assert cache.answer(get(Endpoint.INSTANCE, "2019-06-01"), ROOT) is None  # not listed now
+
+
+@pytest.mark.parametrize(
+    ("version", "polled"),
+    [
+        ("2021-02-01", POLLED),  # the cache could answer
+        ("2021-05-01", POLLED),  # newer than imdsd's: would be forwarded
+        ("2020-01-01", POLLED),  # unlisted: would be forwarded
+        ("2021-02-01", {}),  # imdsd's version unknown: would be forwarded
+    ],
+)
+def test_restricted_reads_never_reach_imds(version: str, polled: dict[str, str]) -> None:
+    for ctx in (started_context(), FakeContext()):
+        cache = answers(ctx, polled)
+        denied = cache.answer(get(Endpoint.INSTANCE, version, "compute", "userData"), AGENT)
+        assert denied is not None
+        assert (denied.status, denied.result) == (403, "refused")
+        assert cache.answer(get(Endpoint.INSTANCE, version, "compute", "userData"), ROOT) != denied
+
+
+def _forwarded(body: bytes, content_type: str = "application/json; charset=utf-8") -> Answer:
+    return Answer(200, body, content_type, (("x-imdsd-source", "upstream"),), "forwarded")
+
+
+def test_forwarded_reads_above_restricted_paths_are_redacted() -> None:
+    compute = {"vmId": "v", "userData": "c2VjcmV0", "tags": ""}
+    whole = _forwarded(msgspec.json.encode({"compute": compute, "network": {}}))
+    request = get(Endpoint.INSTANCE, "2099-01-01")
+    redacted = redact_forwarded(POLICY, request, AGENT, whole)
+    assert decode(redacted.body) == {"compute": {"vmId": "v", "tags": ""}, "network": {}}
+    assert redact_forwarded(POLICY, request, ROOT, whole) is whole
+    listing = _forwarded(b"userData\nvmId\ntags", "text/plain; charset=utf-8")
+    request = get(Endpoint.INSTANCE, "2099-01-01", "compute", format="text")
+    assert redact_forwarded(POLICY, request, AGENT, listing).body == b"vmId\ntags"
+    broken = redact_forwarded(POLICY, get(Endpoint.INSTANCE, "2099-01-01"), AGENT, _forwarded(b"{"))
+    assert broken.status == 403
+    unrelated = get(Endpoint.INSTANCE, "2099-01-01", "network")
+    assert redact_forwarded(POLICY, unrelated, AGENT, whole) is whole

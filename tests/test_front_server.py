@@ -166,12 +166,12 @@ async def test_last_good_answer_served_stale_while_upstream_fails(tmp_path: Path
 
 
 AGENT = """
-import http.client, sys
+import http.client, json, sys
 conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
 for path in sys.argv[2:]:
     conn.request("GET", path, headers={"Metadata": "true"})
     r = conn.getresponse()
-    print(r.status, r.read().decode())
+    print(json.dumps([r.status, r.read().decode()]))
 """
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -181,33 +181,62 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 async def test_restricted_paths_by_the_callers_uid(tmp_path: Path) -> None:
     async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
         port = front_port(daemon)
-        paths = [
+        cached = [
             "/metadata/instance/compute/userData?api-version=2021-02-01&format=text",
             "/metadata/instance/compute?api-version=2021-02-01",
         ]
-        root = await call(port, "GET", paths[0], [MD])
-        result = await trio.run_process(
-            [SYSTEM_PYTHON, "-c", AGENT, str(port), *paths],
-            capture_stdout=True,
-            user=65534,
-            group=65534,
-            cwd="/",
-            env={},
-            stderr=subprocess.STDOUT,
+        root = await call(port, "GET", cached[0], [MD])
+        nobody = await agent(port, *cached)
+        # a field of unknown age: reads at older versions are forwarded to IMDS from now on
+        await emu.control("PATCH", "instance", {"compute": {"brandNewField": "x"}})
+        with trio.fail_after(10):
+            while "brandNewField" not in instance_raw(daemon)["compute"]:
+                await trio.sleep(0.05)
+        forwarded = await agent(
+            port,
+            "/metadata/instance/compute/userData?api-version=2021-01-01&format=text",
+            "/metadata/instance/compute?api-version=2021-01-01",
+            "/metadata/instance/compute?api-version=2021-01-01&format=text",
         )
         assert daemon.front is not None
         callers = daemon.front.callers()
     assert root.status == 200
-    denied, whole = result.stdout.decode().splitlines()
-    assert denied.startswith("403 ")
-    status, _, body = whole.partition(" ")
-    compute: dict[str, Any] = msgspec.json.decode(body)
-    assert status == "200"
-    assert "userData" not in compute
-    assert "customData" not in compute
-    assert "vmId" in compute
-    nobody = next(c for c in callers if c["uid"] == 65534)
-    assert (nobody["requests"], nobody["refused"], nobody["cached"]) == (2, 1, 1)
+    for (denied, _), (status, compute), *listing in (nobody, forwarded):
+        assert (denied, status) == (403, 200)
+        keys = set(msgspec.json.decode(compute))
+        assert "vmId" in keys
+        assert not keys & {"userData", "customData"}
+        for code, text in listing:
+            names = set(text.split("\n"))
+            assert code == 200
+            assert "vmId" in names
+            assert not names & {"userData", "customData"}
+    counts = [
+        sum(c[key] for c in callers if c["uid"] == 65534)
+        for key in ("requests", "refused", "cached", "forwarded")
+    ]
+    assert counts == [5, 2, 1, 2]
+
+
+def instance_raw(daemon: Daemon) -> dict[str, Any]:
+    snapshot = daemon.keeper.snapshot
+    assert snapshot is not None
+    assert snapshot.instance_raw is not None
+    return snapshot.instance_raw
+
+
+async def agent(port: int, *paths: str) -> list[tuple[int, str]]:
+    """Run an agent as uid 65534 asking for ``paths``; the status and body of each."""
+    result = await trio.run_process(
+        [SYSTEM_PYTHON, "-c", AGENT, str(port), *paths],
+        capture_stdout=True,
+        user=65534,
+        group=65534,
+        cwd="/",
+        env={},
+        stderr=subprocess.STDOUT,
+    )
+    return [tuple(msgspec.json.decode(line)) for line in result.stdout.splitlines()]
 
 
 async def test_identity_requests_stay_within_imdss_concurrency(tmp_path: Path) -> None:

@@ -77,15 +77,21 @@ class CacheAnswers:
         return tuple(self.ctx.versions() or GENERAL_VERSIONS)
 
     def answer(self, request: Routed, peer: Peer | None) -> Answer | None:
-        """The cached answer to a GET of a cached endpoint, or None to forward it."""
+        """The cached answer to a GET of a cached endpoint, or None to forward it.
+
+        A read at or below a restricted path by a peer not allowed to see it is refused here
+        (403), whether or not the cache could answer it, so it never reaches IMDS.
+        """
+        if request.method != "GET":
+            return None
+        if request.endpoint is Endpoint.INSTANCE:
+            return self._instance(request, peer)
         snapshot = self.ctx.snapshot
-        if snapshot is None or request.method != "GET":
+        if snapshot is None:
             return None
         match request.endpoint:
             case Endpoint.VERSIONS:
                 return self._versions()
-            case Endpoint.INSTANCE:
-                return self._instance(request, peer)
             case Endpoint.SCHEDULED_EVENTS:
                 return self._document(
                     "scheduled_events", snapshot.scheduled_events_raw, request, events_at
@@ -123,9 +129,12 @@ class CacheAnswers:
         return self._memo
 
     def _instance(self, request: Routed, peer: Peer | None) -> Answer | None:
+        policy = self.policy()
+        access = policy.instance_access(request.segments, policy.level(peer))
+        if access == "deny":
+            return _forbidden(request.segments)
         snapshot = self.ctx.snapshot
-        assert snapshot is not None
-        raw = snapshot.instance_raw
+        raw = snapshot.instance_raw if snapshot is not None else None
         polled = self.polled().get("instance")
         version = request.api_version
         fresh = self.ctx.freshness("instance")
@@ -133,12 +142,7 @@ class CacheAnswers:
             return None
         if not self._version_ok("instance", version, polled):
             return None
-        policy = self.policy()
-        access = policy.instance_access(request.segments, policy.level(peer))
         meta = _meta(self.ctx.revision, fresh)
-        if access == "deny":
-            body = error_body(f"Forbidden. {'/'.join(request.segments)} is restricted")
-            return Answer(403, body, JSON_TYPE, meta, "refused")
         memo = self._memo_for((id(raw), polled, self.ctx.revision, id(policy)))
         fmt = request.query.get("format")
         key = (version, tuple(request.segments), fmt, access)
@@ -207,6 +211,44 @@ class CacheAnswers:
         result = "stale" if fresh.stale else "cached"
         body = msgspec.json.encode(shaped)
         return Answer(200, body, JSON_TYPE, _meta(self.ctx.revision, fresh), result)
+
+
+def redact_forwarded(
+    policy: AccessPolicy, request: Routed, peer: Peer | None, answer: Answer
+) -> Answer:
+    """IMDS's answer to a forwarded instance read, without what ``peer`` may not see.
+
+    Applies when the read is above a restricted path (the cache would have served it
+    redacted): restricted fields below the read path are removed from a JSON answer and
+    their names from a ``format=text`` listing. A body that cannot be redacted is refused.
+    """
+    if request.endpoint is not Endpoint.INSTANCE or answer.status != 200:
+        return answer
+    segments = request.segments
+    if policy.instance_access(segments, policy.level(peer)) != "filtered":
+        return answer
+    below = [
+        path[len(segments) :]
+        for path in policy.restricted
+        if len(path) > len(segments) and tuple(path[: len(segments)]) == tuple(segments)
+    ]
+    if answer.content_type.startswith("text/plain"):
+        hidden = {path[0] for path in below}
+        lines = answer.body.decode("utf-8", "replace").split("\n")
+        body = "\n".join(line for line in lines if line.rstrip("/") not in hidden).encode()
+    else:
+        try:
+            document = msgspec.json.decode(answer.body)
+        except msgspec.DecodeError:
+            return _forbidden(segments)
+        inner = AccessPolicy(["/".join(path) for path in below])
+        body = msgspec.json.encode(inner.redact_instance(document))
+    return Answer(200, body, answer.content_type, answer.headers, answer.result)
+
+
+def _forbidden(segments: Sequence[str]) -> Answer:
+    body = error_body(f"Forbidden. {'/'.join(segments)} is restricted")
+    return Answer(403, body, JSON_TYPE, (("x-imdsd-source", "front"),), "refused")
 
 
 def _same_document(document: Any, api_version: str, polled: str) -> Any:

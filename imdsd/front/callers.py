@@ -20,7 +20,7 @@ import ipaddress
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 Address = tuple[str, int]
 ESTABLISHED = 0x01
@@ -136,7 +136,7 @@ class CallerCounts:
     queued: int = 0
     refused: int = 0
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         """The record ``imdsd status`` shows."""
         return {
             "uid": self.uid,
@@ -171,7 +171,7 @@ class CallerStats:
             self._callers.move_to_end(key)
         return found
 
-    def top(self, count: int = 10) -> list[dict[str, object]]:
+    def top(self, count: int = 10) -> list[dict[str, Any]]:
         """The ``count`` callers with the most requests, most first."""
         ranked = sorted(self._callers.values(), key=lambda c: (-c.requests, c.uid, c.command))
         return [c.to_json() for c in ranked[:count]]

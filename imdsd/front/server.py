@@ -22,7 +22,7 @@ from imdsd.api.context import ApiContext
 from imdsd.api.metrics import Metrics
 from imdsd.api.server import ListenError, adopt
 from imdsd.config import FrontConfig
-from imdsd.front.cache import Answer, CacheAnswers
+from imdsd.front.cache import Answer, CacheAnswers, redact_forwarded
 from imdsd.front.callers import UNKNOWN, Address, Caller, CallerStats, Resolver
 from imdsd.front.relay import Relay
 from imdsd.front.rules import Refusal, check, origin_form
@@ -107,6 +107,7 @@ class FrontServer:
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.policy = policy
         self.cache = CacheAnswers(ctx, lambda: client().versions.chosen(), policy)  # noqa: PLW0108 - the client changes on reload
         self.relay = Relay(
             client, budget, queue_timeout=config.queue_timeout, token_cache=config.token_cache
@@ -165,8 +166,8 @@ class FrontServer:
             )
         else:
             answer = None
+            peer = Peer(caller.pid or -1, caller.uid, caller.gid)
             if not verdict.forwarded:
-                peer = Peer(caller.pid or -1, caller.uid, caller.gid)
                 answer = self.cache.answer(verdict, peer)
             if answer is None:
 
@@ -181,6 +182,7 @@ class FrontServer:
                     body=request.body,
                     on_queued=queued,
                 )
+                answer = redact_forwarded(self.policy(), verdict, peer, answer)
         self.results[answer.result] += 1
         kind = _COUNTED[answer.result]
         setattr(counts, kind, getattr(counts, kind) + 1)
@@ -198,6 +200,6 @@ class FrontServer:
             "connections": self.http.active,
         }
 
-    def callers(self, count: int = TOP_CALLERS) -> list[dict[str, object]]:
+    def callers(self, count: int = TOP_CALLERS) -> list[dict[str, Any]]:
         """The ``count`` busiest callers (uid, pid, command and their counters)."""
         return self.stats.top(count)
