@@ -173,3 +173,16 @@ def test_forwarded_reads_above_restricted_paths_are_redacted() -> None:
     assert broken.status == 403
     unrelated = get(Endpoint.INSTANCE, "2099-01-01", "network")
     assert redact_forwarded(POLICY, unrelated, AGENT, whole) is whole
+
+
+def test_restricted_paths_match_in_any_case() -> None:
+    cache = answers(started_context())
+    for segments in (("compute", "USERDATA"), ("Compute", "userData", "x")):
+        denied = cache.answer(get(Endpoint.INSTANCE, "2099-01-01", *segments), AGENT)
+        assert denied is not None
+        assert denied.status == 403
+    whole = _forwarded(msgspec.json.encode({"vmId": "v", "userData": "c2VjcmV0"}))
+    redacted = redact_forwarded(
+        POLICY, get(Endpoint.INSTANCE, "2099-01-01", "COMPUTE"), AGENT, whole
+    )
+    assert decode(redacted.body) == {"vmId": "v"}

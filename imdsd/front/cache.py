@@ -16,13 +16,14 @@ endpoint's polls are failing) is the last good document, served stale-if-error.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from imdsd.api.access import AccessPolicy, Peer
+from imdsd.api.access import Access, AccessPolicy, Peer
 from imdsd.api.context import ApiContext, Freshness
 from imdsd.api.context import Endpoint as ContextEndpoint
 from imdsd.filtering import FilterError, parse_format, render, resolve
@@ -130,7 +131,7 @@ class CacheAnswers:
 
     def _instance(self, request: Routed, peer: Peer | None) -> Answer | None:
         policy = self.policy()
-        access = policy.instance_access(request.segments, policy.level(peer))
+        access = instance_access(policy, request.segments, peer)
         if access == "deny":
             return _forbidden(request.segments)
         snapshot = self.ctx.snapshot
@@ -213,6 +214,30 @@ class CacheAnswers:
         return Answer(200, body, JSON_TYPE, _meta(self.ctx.revision, fresh), result)
 
 
+_STRICTNESS: dict[Access, int] = {"allow": 0, "filtered": 1, "deny": 2}
+
+
+@functools.lru_cache(maxsize=8)
+def _folded(restricted: tuple[str, ...]) -> AccessPolicy:
+    return AccessPolicy([path.lower() for path in restricted])
+
+
+def instance_access(policy: AccessPolicy, segments: Sequence[str], peer: Peer | None) -> Access:
+    """``policy``'s verdict on an instance read, also matching the path case-insensitively.
+
+    The front forwards some reads to IMDS; should IMDS match keys without regard to case,
+    ``compute/USERDATA`` must not get past a restriction of ``compute/userData``.
+    """
+    level = policy.level(peer)
+    exact = policy.instance_access(segments, level)
+    if exact == "deny" or level == "full":
+        return exact
+    loose = _folded(tuple("/".join(path) for path in policy.restricted)).instance_access(
+        [segment.lower() for segment in segments], "redacted"
+    )
+    return max(exact, loose, key=_STRICTNESS.__getitem__)
+
+
 def redact_forwarded(
     policy: AccessPolicy, request: Routed, peer: Peer | None, answer: Answer
 ) -> Answer:
@@ -225,12 +250,13 @@ def redact_forwarded(
     if request.endpoint is not Endpoint.INSTANCE or answer.status != 200:
         return answer
     segments = request.segments
-    if policy.instance_access(segments, policy.level(peer)) != "filtered":
+    if instance_access(policy, segments, peer) != "filtered":
         return answer
+    folded = [segment.lower() for segment in segments]
     below = [
         path[len(segments) :]
         for path in policy.restricted
-        if len(path) > len(segments) and tuple(path[: len(segments)]) == tuple(segments)
+        if len(path) > len(segments) and [p.lower() for p in path[: len(segments)]] == folded
     ]
     if answer.content_type.startswith("text/plain"):
         hidden = {path[0] for path in below}
