@@ -18,6 +18,7 @@ from imdsd.front.callers import (
     CallerStats,
     Resolver,
     SocketEntry,
+    command_name,
     find_peer_socket,
     parse_address,
     parse_table,
@@ -91,7 +92,9 @@ def _listener(family: int = socket.AF_INET) -> Iterator[socket.socket]:
 
 
 def _comm(pid: int) -> str:
-    return Path(f"/proc/{pid}/comm").read_text().strip()
+    """What the resolver should name ``pid`` (read while it runs)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    return command_name(Path(f"/proc/{pid}/comm").read_text().strip(), argv)
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
@@ -151,3 +154,19 @@ def test_a_child_of_another_uid() -> None:
 def test_an_unknown_peer() -> None:
     assert Resolver().resolve(("127.0.0.1", 1), ("127.0.0.1", 2)) == UNKNOWN
     assert Resolver(proc="/nonexistent").resolve(("127.0.0.1", 1), None) == UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("comm", "argv", "shown"),
+    [
+        ("curl", ["curl", "-H", "Metadata:true", "http://x/?secret=1"], "curl"),
+        ("python3", ["/usr/bin/python3", "-u", "/usr/sbin/waagent", "-daemon"], "python3 waagent"),
+        ("python3", ["python3", "-m", "azure.cli", "login"], "python3 -m"),
+        ("python3.11", ["python3.11", "-c", "print(1)"], "python3.11 -c"),
+        ("bash", ["bash"], "bash"),
+        ("sh", ["sh", "/etc/cron.hourly/imds-poll"], "sh imds-poll"),
+        ("python3", [], "python3"),
+    ],
+)
+def test_command_names_show_scripts_not_arguments(comm: str, argv: list[str], shown: str) -> None:
+    assert command_name(comm, argv) == shown

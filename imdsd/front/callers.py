@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -121,6 +122,25 @@ def find_peer_socket(
             return entry
     established = [e for e in candidates if e.state == ESTABLISHED and e.remote != peer]
     return established[0] if len(established) == 1 else None
+
+
+INTERPRETERS = re.compile(r"^(python[0-9.]*|perl|ruby|node|nodejs|java|bash|sh|dash|pwsh)$")
+
+
+def command_name(comm: str, argv: list[str]) -> str:
+    """The command to show for a process: its name, or for an interpreter running a script
+    (``python3 /usr/sbin/waagent ...``) the interpreter and the script's file name
+    (``python3 waagent``). No other argument is shown (arguments may hold secrets)."""
+    if not INTERPRETERS.match(comm):
+        return comm
+    for arg in argv[1:]:
+        if arg.startswith("-"):
+            if arg in ("-m", "-c"):
+                return f"{comm} {arg}"
+            continue
+        name = os.path.basename(arg)
+        return f"{comm} {name}" if name else comm
+    return comm
 
 
 @dataclass
@@ -237,8 +257,10 @@ class Resolver:
         return None
 
     def process(self, pid: int) -> tuple[str, int]:
-        """The command name and effective gid of ``pid`` ("" and -1 when unreadable)."""
-        command = self._read(f"{pid}/comm").strip()
+        """The command (see :func:`command_name`) and effective gid of ``pid``
+        ("" and -1 when unreadable)."""
+        argv = self._read(f"{pid}/cmdline").split("\0")
+        command = command_name(self._read(f"{pid}/comm").strip(), argv)
         gid = -1
         for line in self._read(f"{pid}/status").splitlines():
             if line.startswith("Gid:"):
