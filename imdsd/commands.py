@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import msgspec
@@ -14,6 +15,7 @@ from imdsd.client import ApiError, Client, DaemonUnreachable, error_message, rea
 from imdsd.config import ConfigError, load_config, render_toml
 from imdsd.frames import KINDS, Change, ChangeFrame, Frame, StateFrame, encode_line
 from imdsd.instance_paths import restricted_path_problems
+from imdsd.status_view import render_status
 
 
 class _UsageError(Exception):
@@ -154,6 +156,9 @@ def _status(args: argparse.Namespace) -> int:
     health = Client(resolve_socket(args)).health()
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(health), indent=2).decode() + "\n")
+    elif sys.stdout.isatty():
+        colour = not os.environ.get("NO_COLOR")
+        sys.stdout.write(render_status(health, datetime.now(UTC), colour=colour))
     else:
         sys.stdout.write(format_status(health))
     return EXIT_OK if health.get("status") in ("ok", "degraded") else EXIT_FAILURE
