@@ -47,6 +47,7 @@ __all__ = ["carry", "diff", "mac_key", "parse_tags"]
 
 _FREE_FORM = frozenset({"encryptionSettings"})
 _TAGS = frozenset({"tags", "tagsList"})
+_ENDPOINTS = ("instance", "scheduled_events", "loadbalancer")
 _NOT_COMPUTE = frozenset({"tags", "tagsList", "storageProfile"})
 _KIND_ORDER = {kind: i for i, kind in enumerate(KINDS)}
 _NON_HEX = re.compile(r"[^0-9A-Fa-f]")
@@ -59,7 +60,7 @@ Raw = dict[str, Any]
 def diff(old: Snapshot, new: Snapshot) -> list[Change]:
     """Every change from ``old`` to ``new``, in a deterministic order (see module doc)."""
     changes: list[Change] = []
-    old_instance, new_instance = _known_instance(old), _instance_raw(new)
+    old_instance, new_instance = _known(old, "instance"), _raw(new, "instance")
     if old_instance is not None and new_instance is not None:
         old_compute = _obj(old_instance.get("compute"))
         new_compute = _obj(new_instance.get("compute"))
@@ -86,12 +87,11 @@ def carry(previous: Snapshot, new: Snapshot) -> Snapshot:
     reported once. A load balancer 404 forgets (it is explicit: no load balancer).
     """
     memory = {
-        "instance_known": _remember(_known_instance(previous), new.instance_raw),
-        "scheduled_events_known": _remember(_known_events(previous), new.scheduled_events_raw),
-        "loadbalancer_known": None
-        if new.loadbalancer_absent
-        else _remember(_known_loadbalancer(previous), new.loadbalancer_raw),
+        f"{endpoint}_known": _remember(_known(previous, endpoint), getattr(new, f"{endpoint}_raw"))
+        for endpoint in _ENDPOINTS
     }
+    if new.loadbalancer_absent:
+        memory["loadbalancer_known"] = None
     if all(getattr(new, name) == value for name, value in memory.items()):
         return new
     return msgspec.structs.replace(new, **memory)
@@ -122,50 +122,24 @@ def _order(change: Change) -> tuple[int, tuple[Any, ...], str]:
     return _KIND_ORDER[change.kind], natural, change.key
 
 
-def _instance_raw(snapshot: Snapshot) -> Raw | None:
-    if snapshot.instance is None:
+def _raw(snapshot: Snapshot, endpoint: str) -> Raw | None:
+    """An endpoint's document as IMDS sent it (None: unknown); built from the typed model
+    for snapshots that have no raw form."""
+    typed = getattr(snapshot, endpoint)
+    if typed is None:
         return None
-    if snapshot.instance_raw is not None:
-        return snapshot.instance_raw
-    raw: Raw = msgspec.to_builtins(snapshot.instance)
+    raw: Raw | None = getattr(snapshot, f"{endpoint}_raw")
+    if raw is None:
+        raw = msgspec.to_builtins(typed)
     return raw
 
 
-def _known_instance(snapshot: Snapshot) -> Raw | None:
-    """The instance document with the memory of its absent sections (old side of a diff)."""
-    if snapshot.instance is not None and snapshot.instance_known is not None:
-        return snapshot.instance_known
-    return _instance_raw(snapshot)
-
-
-def _events_raw(snapshot: Snapshot) -> Raw | None:
-    if snapshot.scheduled_events is None:
-        return None
-    if snapshot.scheduled_events_raw is not None:
-        return snapshot.scheduled_events_raw
-    raw: Raw = msgspec.to_builtins(snapshot.scheduled_events)
-    return raw
-
-
-def _known_events(snapshot: Snapshot) -> Raw | None:
-    if snapshot.scheduled_events is not None and snapshot.scheduled_events_known is not None:
-        return snapshot.scheduled_events_known
-    return _events_raw(snapshot)
-
-
-def _loadbalancer_raw(snapshot: Snapshot) -> Raw | None:
-    if snapshot.loadbalancer is None:
-        return None
-    if snapshot.loadbalancer_raw is not None:
-        return snapshot.loadbalancer_raw
-    raw: Raw = msgspec.to_builtins(snapshot.loadbalancer)
-    return raw
-
-
-def _known_loadbalancer(snapshot: Snapshot) -> Raw | None:
-    if snapshot.loadbalancer is not None and snapshot.loadbalancer_known is not None:
-        return snapshot.loadbalancer_known
-    return _loadbalancer_raw(snapshot)
+def _known(snapshot: Snapshot, endpoint: str) -> Raw | None:
+    """The document with the memory of its absent sections: the old side of a diff."""
+    known: Raw | None = getattr(snapshot, f"{endpoint}_known")
+    if known is not None and getattr(snapshot, endpoint) is not None:
+        return known
+    return _raw(snapshot, endpoint)
 
 
 def _remember(known: Raw | None, raw: Raw | None) -> Raw | None:
@@ -374,8 +348,8 @@ def _disk_changes(old_compute: Raw, new_compute: Raw) -> list[Change]:
         fields = _changed(a, b)
         if fields:
             out.append(Change("disks", "modified", "os", a, b, fields))
-    if "resourceDisk" in old and "resourceDisk" in new:
-        a, b = _obj(old["resourceDisk"]), _obj(new["resourceDisk"])
+    a, b = _obj(old.get("resourceDisk")), _obj(new.get("resourceDisk"))
+    if "size" in a and "size" in b:  # an absent size is unknown, not "no disk"
         had, has = _has_resource_disk(a), _has_resource_disk(b)
         if had and not has:
             out.append(Change("disks", "detached", "resource", a, None))
@@ -424,7 +398,7 @@ def _compute_changes(old: Raw, new: Raw) -> list[Change]:
 
 def _vm_name(old: Snapshot, new: Snapshot) -> str:
     for snapshot in (new, old):
-        name = _obj(_obj(_known_instance(snapshot)).get("compute")).get("name")
+        name = _obj(_obj(_known(snapshot, "instance")).get("compute")).get("name")
         if isinstance(name, str) and name:
             return name
     return ""
@@ -447,7 +421,8 @@ def _events(raw: Raw | None, vm_name: str) -> dict[str, Raw] | None:
 
 def _scheduled_event_changes(old: Snapshot, new: Snapshot) -> list[Change]:
     vm_name = _vm_name(old, new)
-    a, b = _events(_known_events(old), vm_name), _events(_events_raw(new), vm_name)
+    a = _events(_known(old, "scheduled_events"), vm_name)
+    b = _events(_raw(new, "scheduled_events"), vm_name)
     if a is None or b is None:
         return []
     return _keyed_changes("scheduled_events", a, b, ("added", "removed"))
@@ -490,8 +465,8 @@ def _lb_lists(snapshot: Snapshot, raw: Raw | None) -> Raw | None:
 
 
 def _loadbalancer_changes(old: Snapshot, new: Snapshot) -> list[Change]:
-    a = _lb_lists(old, _known_loadbalancer(old))
-    b = _lb_lists(new, _loadbalancer_raw(new))
+    a = _lb_lists(old, _known(old, "loadbalancer"))
+    b = _lb_lists(new, _raw(new, "loadbalancer"))
     if a is None or b is None:
         return []
     out: list[Change] = []

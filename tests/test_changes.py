@@ -833,6 +833,11 @@ SECTION_CASES = [
         _drop_temp,
         {("disks", "detached", "resource")},
     ),
+    (
+        _without("compute", "storageProfile", "resourceDisk", "size"),
+        _drop_temp,
+        {("disks", "detached", "resource")},
+    ),
     (_without("network", "interface"), _drop_nics, {("network", "removed", "mac:0011AAFFBB22")}),
     (_without("network"), _drop_nics, {("network", "removed", "mac:0011AAFFBB22")}),
     (_without("compute"), _resize_vm, {("compute", "modified", "vmSize")}),

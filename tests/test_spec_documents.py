@@ -290,8 +290,8 @@ def _sections(doc: Raw) -> dict[str, set[str] | None]:
         "disks": None if disks is None else {f"lun:{d.get('lun', '')}" for d in disks},
         "network": None if nics is None else {mac_key(n.get("macAddress", "")) for n in nics},
         "resource": None
-        if temp is None
-        else ({"resource"} if temp.get("size", "") not in ("", "0") else set()),
+        if temp is None or "size" not in temp
+        else ({"resource"} if temp["size"] not in ("", "0") else set()),
     }
 
 
