@@ -4,10 +4,11 @@ Kinds, keys and ops:
 
 - ``tags``: key = tag name; ``added`` / ``removed`` / ``modified`` (``fields == ["value"]``);
   old/new are the values. Read from ``tagsList`` when both sides have it, otherwise from
-  ``tags`` (``"k1:v1;k2:v2"``, each pair split at its first ``:``, empty pairs ignored).
+  ``tags`` (``"k1:v1;k2:v2"``, each pair split at its first ``:``, empty pairs ignored), and
+  when the sides share neither, each from the one it has.
 - ``disks``: ``lun:<n>`` (data disks), ``os`` (OS disk), ``resource`` (temp disk, none when
-  its size is ``""`` or ``"0"``); ``attached`` / ``detached`` / ``modified``; old/new are the
-  disk objects as IMDS sent them.
+  its size is ``""`` or ``"0"``, unknown when it has no size); ``attached`` / ``detached`` /
+  ``modified``; old/new are the disk objects as IMDS sent them.
 - ``network``: ``mac:<MAC upper-case, no separators>``; ``added`` / ``removed`` /
   ``modified``; old/new are the NIC objects as IMDS sent them.
 - ``scheduled_events``: key = EventId; ``added`` / ``modified`` / ``removed``; only events
@@ -27,7 +28,15 @@ multisets, so reordering NICs, disks, tags, IPs, subnets, keys or resources is n
 field present on one side only is an api-version difference and no change, except inside the
 free-form ``encryptionSettings`` blob. When two items share a key, the second and later (in a
 canonical order) get ``#2``, ``#3``... appended. An endpoint unknown on either side (not
-fetched yet) yields no changes. The result is ordered by kind (``frames.KINDS``) then key
+fetched yet) yields no changes.
+
+Every field and section is optional (CONTRACT 4): an absent one is unknown, never empty, so
+it yields no ``removed`` / ``detached``; an empty list is empty. ``carry`` gives each new
+snapshot a memory of what its documents lack (the last value known), and ``diff`` compares
+the old snapshot's memory with the new raw documents, so a section that comes back is
+compared with the last document that had it and a change made meanwhile is reported once.
+Walks stop at ``depth.MAX_DEPTH`` levels (deeper documents never get past the decoder). The
+result is ordered by kind (``frames.KINDS``) then key
 (numbers in keys compare numerically).
 """
 
