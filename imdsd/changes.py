@@ -50,13 +50,11 @@ import msgspec
 
 from imdsd.depth import MAX_DEPTH
 from imdsd.frames import KINDS, Change, Kind
+from imdsd.memory import FREE_FORM, TAGS, carry, known_document, raw_document
 from imdsd.model import Snapshot
 
 __all__ = ["carry", "diff", "mac_key", "parse_tags"]
 
-_FREE_FORM = frozenset({"encryptionSettings"})
-_TAGS = frozenset({"tags", "tagsList"})
-_ENDPOINTS = ("instance", "scheduled_events", "loadbalancer")
 _NOT_COMPUTE = frozenset({"tags", "tagsList", "storageProfile"})
 _KIND_ORDER = {kind: i for i, kind in enumerate(KINDS)}
 _NON_HEX = re.compile(r"[^0-9A-Fa-f]")
@@ -69,7 +67,7 @@ Raw = dict[str, Any]
 def diff(old: Snapshot, new: Snapshot) -> list[Change]:
     """Every change from ``old`` to ``new``, in a deterministic order (see module doc)."""
     changes: list[Change] = []
-    old_instance, new_instance = _known(old, "instance"), _raw(new, "instance")
+    old_instance, new_instance = known_document(old, "instance"), raw_document(new, "instance")
     if old_instance is not None and new_instance is not None:
         old_compute = _obj(old_instance.get("compute"))
         new_compute = _obj(new_instance.get("compute"))
@@ -83,27 +81,6 @@ def diff(old: Snapshot, new: Snapshot) -> list[Change]:
     changes += _loadbalancer_changes(old, new)
     changes.sort(key=_order)
     return changes
-
-
-def carry(previous: Snapshot, new: Snapshot) -> Snapshot:
-    """``new`` with a memory of the last known value of every section it lacks.
-
-    Each ``*_known`` becomes ``new``'s raw document with every object member it lacks, at
-    any depth, filled in from ``previous``'s memory (or raw document); ``tags`` and
-    ``tagsList`` are one section, remembered as the newest document that had either. None
-    when nothing is missing. ``diff(carry(a, b), carry(b, c))`` thus compares a section that
-    comes back with the last document that had it, so a change made while it was missing is
-    reported once. A load balancer 404 forgets (it is explicit: no load balancer).
-    """
-    memory = {
-        f"{endpoint}_known": _remember(_known(previous, endpoint), getattr(new, f"{endpoint}_raw"))
-        for endpoint in _ENDPOINTS
-    }
-    if new.loadbalancer_absent:
-        memory["loadbalancer_known"] = None
-    if all(getattr(new, name) == value for name, value in memory.items()):
-        return new
-    return msgspec.structs.replace(new, **memory)
 
 
 def parse_tags(tags: str) -> dict[str, str]:
@@ -129,58 +106,6 @@ def _order(change: Change) -> tuple[int, tuple[Any, ...], str]:
     parts = _DIGITS.split(change.key)
     natural = tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
     return _KIND_ORDER[change.kind], natural, change.key
-
-
-def _raw(snapshot: Snapshot, endpoint: str) -> Raw | None:
-    """An endpoint's document as IMDS sent it (None: unknown); built from the typed model
-    for snapshots that have no raw form."""
-    typed = getattr(snapshot, endpoint)
-    if typed is None:
-        return None
-    raw: Raw | None = getattr(snapshot, f"{endpoint}_raw")
-    if raw is None:
-        raw = msgspec.to_builtins(typed)
-    return raw
-
-
-def _known(snapshot: Snapshot, endpoint: str) -> Raw | None:
-    """The document with the memory of its absent sections: the old side of a diff."""
-    known: Raw | None = getattr(snapshot, f"{endpoint}_known")
-    if known is not None and getattr(snapshot, endpoint) is not None:
-        return known
-    return _raw(snapshot, endpoint)
-
-
-def _remember(known: Raw | None, raw: Raw | None) -> Raw | None:
-    """``raw`` with the members it lacks taken from ``known``; None when it lacks none."""
-    if known is None or raw is None:
-        return None
-    merged, filled = _fill(known, raw, 1)
-    return merged if filled else None
-
-
-def _fill(known: Raw, raw: Raw, depth: int) -> tuple[Raw, bool]:
-    out = dict(raw)
-    filled = False
-    has_tags = not _TAGS.isdisjoint(raw)
-    for key, value in known.items():
-        if key not in raw:
-            if not (has_tags and key in _TAGS):
-                out[key] = value
-                filled = True
-            continue
-        inner = raw[key]
-        if (
-            isinstance(value, dict)
-            and isinstance(inner, dict)
-            and key not in _FREE_FORM
-            and depth < MAX_DEPTH
-        ):
-            merged, deeper = _fill(value, inner, depth + 1)
-            if deeper:
-                out[key] = merged
-                filled = True
-    return out, filled
 
 
 def _obj(value: Any) -> Raw:
@@ -251,7 +176,7 @@ def _changed_leaves(
         a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict) and depth < MAX_DEPTH:
             out += _changed_leaves(
-                a, b, path + ".", free_form=free_form or key in _FREE_FORM, depth=depth + 1
+                a, b, path + ".", free_form=free_form or key in FREE_FORM, depth=depth + 1
             )
         elif not _same(a, b):
             out.append((path, a, b))
@@ -310,7 +235,7 @@ def _tag_views(old: Raw, new: Raw) -> tuple[bool, bool] | None:
     for field in ("tagsList", "tags"):
         if field in old and field in new:
             return field == "tagsList", field == "tagsList"
-    if not (_TAGS & old.keys() and _TAGS & new.keys()):
+    if not (TAGS & old.keys() and TAGS & new.keys()):
         return None
     return "tagsList" in old, "tagsList" in new
 
@@ -407,7 +332,7 @@ def _compute_changes(old: Raw, new: Raw) -> list[Change]:
 
 def _vm_name(old: Snapshot, new: Snapshot) -> str:
     for snapshot in (new, old):
-        name = _obj(_obj(_known(snapshot, "instance")).get("compute")).get("name")
+        name = _obj(_obj(known_document(snapshot, "instance")).get("compute")).get("name")
         if isinstance(name, str) and name:
             return name
     return ""
@@ -430,8 +355,8 @@ def _events(raw: Raw | None, vm_name: str) -> dict[str, Raw] | None:
 
 def _scheduled_event_changes(old: Snapshot, new: Snapshot) -> list[Change]:
     vm_name = _vm_name(old, new)
-    a = _events(_known(old, "scheduled_events"), vm_name)
-    b = _events(_raw(new, "scheduled_events"), vm_name)
+    a = _events(known_document(old, "scheduled_events"), vm_name)
+    b = _events(raw_document(new, "scheduled_events"), vm_name)
     if a is None or b is None:
         return []
     return _keyed_changes("scheduled_events", a, b, ("added", "removed"))
@@ -474,8 +399,8 @@ def _lb_lists(snapshot: Snapshot, raw: Raw | None) -> Raw | None:
 
 
 def _loadbalancer_changes(old: Snapshot, new: Snapshot) -> list[Change]:
-    a = _lb_lists(old, _known(old, "loadbalancer"))
-    b = _lb_lists(new, _raw(new, "loadbalancer"))
+    a = _lb_lists(old, known_document(old, "loadbalancer"))
+    b = _lb_lists(new, raw_document(new, "loadbalancer"))
     if a is None or b is None:
         return []
     out: list[Change] = []
