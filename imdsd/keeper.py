@@ -1,110 +1,158 @@
 """The write path: fetched documents -> store -> disk -> watchers and hooks (trio shell).
 
-Every good document from a poller is applied to the :class:`~imdsd.store.Store`. A new
-revision is written to disk *before* anyone can see it (reads, watchers, hooks all see the
-*published* revision), so a crash can never make a change reach a consumer that a restart
-would then report again, nor reuse a revision number someone has seen. Snapshot-only updates and
-hook delivery marks are saved promptly by a background saver. A failed save is logged and
-retried; it never stops the daemon.
+Every good document from a poller goes to the sans-IO :class:`~imdsd.store.Store`, which
+decides whether it is new and at which revision. A new revision is saved (one journal record,
+see :mod:`imdsd.statelog`) and only then *published* -- to reads, watchers and hooks -- so a
+crash or a full disk can never show a consumer a change that a restart would report again, nor
+a revision number that could come back with other content. Saving and publishing is one step a
+cancel cannot split: it runs shielded, bounded by :data:`SAVE_TIMEOUT` so shutdown cannot hang.
+
+A failed save leaves the last durable revision published; the saver retries with backoff
+(:data:`RETRY_FIRST` doubling up to :data:`RETRY_MAX`), health says ``degraded`` and the
+metrics count it. Hook delivery marks and snapshot-only updates are saved by the saver.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
-import msgspec
 import structlog
 import trio
 
 from imdsd.broadcast import Broadcaster, Subscription
-from imdsd.changes import diff
+from imdsd.changes import carry, diff
 from imdsd.frames import ChangeFrame, GoneFrame
 from imdsd.model import Instance, LoadBalancer, ScheduledEvents, Snapshot
-from imdsd.persist import PersistError, load_state, save_state
-from imdsd.store import Store
+from imdsd.persist import PersistError
+from imdsd.statelog import StateLog
+from imdsd.store import PersistedState, SaveTicket, Store, document_appeared
 
 log = structlog.get_logger("imdsd.keeper")
 
-SAVE_RETRY: Final = 5.0
+SAVE_TIMEOUT: Final = 20.0
+RETRY_FIRST: Final = 1.0
+RETRY_MAX: Final = 60.0
 LAZY_SAVE_DELAY: Final = 1.0
 
 FrameListener = Callable[[ChangeFrame], None]
+RunSync = Callable[..., Awaitable[Any]]
 
 
-def load_store(directory: str, history: int) -> Store[Snapshot]:
-    """Load the persisted state (never fails on bad content) into a store."""
-    loaded = load_state(directory, Snapshot)
-    if loaded.problem:
-        log.warning("state discarded", problem=loaded.problem, moved_to=loaded.moved_to)
-    store = Store(diff=diff, snapshot_type=Snapshot, history=history, state=loaded.state)
-    log.info(
-        "state loaded",
-        directory=directory,
-        revision=store.revision,
-        snapshot=store.snapshot is not None,
-        history=store.history_size,
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking save in a worker thread; a timeout may abandon it (it then finishes
+    alone, and the state log's lock keeps the next save behind it)."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+def new_store(
+    state: PersistedState[Snapshot] | None, history: int, history_bytes: int | None = None
+) -> Store[Snapshot]:
+    """The daemon's store: publishes a revision once saved, carries absent sections over."""
+    return Store(
+        diff=diff,
+        snapshot_type=Snapshot,
+        history=history,
+        history_bytes=history_bytes,
+        state=state,
+        carry=carry,
+        appeared=document_appeared,
+        publish_on_save=True,
     )
-    return store
 
 
-def _appeared(old: Snapshot, new: Snapshot) -> bool:
-    """True when a document readers could not see before is now known (or became absent)."""
-    return (
-        (old.instance is None and new.instance is not None)
-        or (old.scheduled_events is None and new.scheduled_events is not None)
-        or (old.loadbalancer is None and new.loadbalancer is not None)
-        or (old.loadbalancer_absent != new.loadbalancer_absent and new.loadbalancer is None)
-    )
+def load_store(directory: str, history: int, history_bytes: int | None = None) -> Store[Snapshot]:
+    """Load the persisted state (never fails on bad content) into a new store."""
+    return StateKeeper.load(directory, history, history_bytes).store
 
 
 class StateKeeper:
-    """Owns the store's write path; it is the pollers' sink and the hooks' ledger."""
+    """Owns the store's write path; it is the pollers' sink and the hooks' ledger.
 
-    def __init__(self, store: Store[Snapshot], directory: str) -> None:
+    ``statelog`` saves the state (a fresh one compacts on its first save); ``run_sync`` runs
+    a blocking save (tests replace it).
+    """
+
+    def __init__(
+        self,
+        store: Store[Snapshot],
+        directory: str,
+        *,
+        statelog: StateLog[Snapshot] | None = None,
+        run_sync: RunSync = _in_thread,
+    ) -> None:
+        if not store.publish_on_save:
+            raise ValueError("the keeper's store must publish on save")
         self.store = store
         self.directory = directory
+        self.statelog = statelog or StateLog(directory, Snapshot)
+        self._run_sync = run_sync
         self.broadcaster = Broadcaster()
         self.fetched_at: dict[str, float] = {}
         self.listeners: list[FrameListener] = []
         self.save_failures = 0
+        self.save_error: str | None = None
+        self.saved_at: float | None = None
         self.ready = trio.Event()
-        if store.snapshot is not None and store.snapshot.instance is not None:
-            self.ready.set()
-        self._published: tuple[int, Snapshot | None] = (store.revision, store.snapshot)
+        self._check_ready()
         self._lock = trio.Lock()
         self._revision_event = trio.Event()
         self._save_wanted = trio.Event()
+        self._backoff = 0.0
+        self._retry_at = float("-inf")
+
+    @classmethod
+    def load(cls, directory: str, history: int, history_bytes: int | None = None) -> StateKeeper:
+        """A keeper continuing from the state persisted in ``directory``."""
+        statelog = StateLog(directory, Snapshot)
+        loaded = statelog.load()
+        if loaded.problem:
+            log.warning("state discarded", problem=loaded.problem, moved_to=loaded.moved_to)
+        store = new_store(loaded.state, history, history_bytes)
+        log.info(
+            "state loaded",
+            directory=directory,
+            revision=store.revision,
+            snapshot=store.snapshot is not None,
+            history=store.history_size,
+        )
+        return cls(store, directory, statelog=statelog)
 
     # -- reads -------------------------------------------------------------------------
 
     @property
     def snapshot(self) -> Snapshot | None:
         """The published snapshot (None before the first one)."""
-        return self._published[1]
+        return self.store.published_snapshot
 
     @property
     def revision(self) -> int:
-        """The published revision: on disk, or saving it failed and was logged."""
-        return self._published[0]
+        """The published revision: always on disk."""
+        return self.store.published_revision
 
     def frames_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
         """Published change frames after ``since``, or gone."""
-        found = self.store.frames_since(since)
-        limit = self._published[0]
-        if isinstance(found, GoneFrame) or not found or found[-1].revision <= limit:
-            return found
-        return [frame for frame in found if frame.revision <= limit]
+        return self.store.published_since(since)
 
     def subscribe(self, max_pending: int, after: int) -> Subscription:
         """A live subscription to frames published after revision ``after``."""
         return self.broadcaster.subscribe(max_pending, after)
 
     async def wait_for_revision(self, revision: int) -> None:
-        """Return once the store's revision is above ``revision``."""
+        """Return once the published revision is above ``revision``."""
         while self.revision <= revision:
             await self._revision_event.wait()
+
+    def save_status(self) -> dict[str, Any]:
+        """The saver's state for ``/v1/health``."""
+        return {
+            "ok": self.save_error is None,
+            "last_error": self.save_error,
+            "failures": self.save_failures,
+            "last_saved_at": self.saved_at,
+            "unsaved_revisions": self.store.unpublished,
+        }
 
     # -- the pollers' sink -------------------------------------------------------------
 
@@ -131,30 +179,73 @@ class StateKeeper:
     async def _apply(self, endpoint: str, **fields: Any) -> None:
         async with self._lock:
             now = time.time()
-            before = self.store.revision
-            current = self.store.snapshot or Snapshot()
-            if self.store.snapshot is not None and all(
-                getattr(current, name) == value for name, value in fields.items()
-            ):
-                self.fetched_at[endpoint] = now  # the usual poll: nothing new to diff
-                return
-            new = msgspec.structs.replace(current, **fields)
-            frame = self.store.apply(new, now, new_content=_appeared(current, new))
+            changed = self.store.update(fields, now)
             self.fetched_at[endpoint] = now
-            if self.store.revision == before:  # same revision: new content may show at once
-                self._published = (before, self.store.snapshot)
-            if self.store.must_save:
-                await self._save()
-            elif self.store.dirty:
+            if not changed:
+                return
+            self._check_ready()  # a snapshot-only update is published at once
+            if not self.store.must_save:
                 self._save_wanted.set()
-            if self.store.revision != before:
-                self._published = (self.store.revision, self.store.snapshot)
-                if frame is not None:
-                    self._publish(frame)
-                self._wake_revision_waiters()
-            snapshot = self._published[1]
-            if snapshot is not None and snapshot.instance is not None:
-                self.ready.set()
+            elif trio.current_time() < self._retry_at:
+                self._save_wanted.set()  # saving fails: the saver retries after the backoff
+            else:
+                await self._commit()
+
+    async def _commit(self) -> bool:
+        """Save and publish as one step: shielded from cancellation, bounded in time."""
+        with trio.CancelScope(shield=True), trio.move_on_after(SAVE_TIMEOUT):
+            return await self._save()
+        return False
+
+    async def _save(self) -> bool:
+        ticket = self.store.begin_save()
+        error = f"saving took over {SAVE_TIMEOUT:g} s"
+        ok = False
+        try:
+            await self._run_sync(self.statelog.save, ticket.state)
+            ok = True
+        except PersistError as exc:
+            error = str(exc)
+        finally:
+            if ok:
+                self._saved(ticket)
+            else:
+                self._failed(error, ticket)
+        return ok
+
+    def _saved(self, ticket: SaveTicket[Snapshot]) -> None:
+        before = self.revision
+        frames = self.store.saved(ticket)
+        self.saved_at = time.time()
+        if self.save_error is not None:
+            log.info("state saved again", revision=ticket.state.revision)
+        self.save_error = None
+        self._backoff = 0.0
+        self._retry_at = float("-inf")
+        for frame in frames:
+            self._publish(frame)
+        if self.revision != before:
+            self._wake_revision_waiters()
+        self._check_ready()
+
+    def _failed(self, error: str, ticket: SaveTicket[Snapshot]) -> None:
+        self.save_failures += 1
+        self.save_error = error
+        self._backoff = min(max(self._backoff * 2, RETRY_FIRST), RETRY_MAX)
+        self._retry_at = trio.current_time() + self._backoff
+        log.error(
+            "state not saved; will retry",
+            error=error,
+            revision=ticket.state.revision,
+            published=self.revision,
+            retry_in=self._backoff,
+        )
+        self._save_wanted.set()
+
+    def _check_ready(self) -> None:
+        snapshot = self.snapshot
+        if snapshot is not None and snapshot.instance is not None:
+            self.ready.set()
 
     def _publish(self, frame: ChangeFrame) -> None:
         log.info(
@@ -196,32 +287,22 @@ class StateKeeper:
 
     # -- persistence -------------------------------------------------------------------
 
-    async def _save(self) -> bool:
-        generation = self.store.generation
-        state = self.store.to_state()
-        try:
-            await trio.to_thread.run_sync(save_state, self.directory, state)
-        except (PersistError, OSError) as exc:
-            self.save_failures += 1
-            log.error("state not saved; will retry", error=str(exc), revision=state.revision)
-            self._save_wanted.set()
-            return False
-        self.store.mark_saved(generation)
-        return True
-
     async def run_saver(self) -> None:
-        """Save pending state changes (hook marks, snapshot-only updates) until cancelled."""
+        """Save (and publish) what is pending until cancelled: unsaved revisions after a
+        failure (with backoff), hook marks, snapshot-only updates."""
         while True:
             await self._save_wanted.wait()
             self._save_wanted = trio.Event()
-            if not self.store.must_save:
+            delay = self._retry_at - trio.current_time()
+            if delay > 0:
+                await trio.sleep(delay)
+            elif not self.store.must_save:
                 await trio.sleep(LAZY_SAVE_DELAY)
             async with self._lock:
-                ok = not self.store.dirty or await self._save()
-            if not ok:
-                await trio.sleep(SAVE_RETRY)
+                if self.store.dirty:
+                    await self._commit()
 
     async def flush(self) -> bool:
         """Save now if anything is unsaved (at shutdown); True when the state is on disk."""
         async with self._lock:
-            return not self.store.dirty or await self._save()
+            return not self.store.dirty or await self._commit()

@@ -14,6 +14,16 @@ The store holds the current snapshot and turns each new snapshot into at most on
 ``oldest`` is the oldest revision a watch can resume from: ``frames_since(oldest)`` returns
 every frame after it, anything older is :class:`~imdsd.frames.GoneFrame` ``(oldest)``.
 
+Publishing: with ``publish_on_save`` (the daemon's store) a new revision is *published* --
+visible through :attr:`Store.published_revision`, :attr:`Store.published_snapshot` and
+:meth:`Store.published_since` -- only once a save holding it succeeded: the shell takes a
+:meth:`Store.begin_save` ticket, saves its state, and :meth:`Store.saved` then publishes the
+ticket's revision and returns the change frames to broadcast. Without it every apply is
+published at once (for tests and tools that do not persist).
+
+History is bounded by count (``history``) and by the encoded size of the kept frames
+(``history_bytes``); the oldest frames go first and :attr:`Store.oldest` moves up.
+
 Persistence bookkeeping: every change to what :meth:`Store.to_state` returns bumps
 :attr:`Store.generation`. The shell saves ``to_state()`` and then calls
 :meth:`Store.mark_saved` with the generation it read before saving; :attr:`Store.dirty` and
@@ -24,16 +34,33 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from imdsd.frames import Change, ChangeFrame, GoneFrame
+from imdsd.model import Snapshot
 
 S = TypeVar("S", bound=msgspec.Struct)
 
 DiffFunction = Callable[[S, S], list[Change]]
+SnapshotRule = Callable[[S, S], bool]
+CarryFunction = Callable[[S, S], S]
+
+_frame_encoder = msgspec.json.Encoder()
+
+
+def document_appeared(old: Snapshot, new: Snapshot) -> bool:
+    """True when ``new`` holds a document readers could not see in ``old`` (or a load
+    balancer became absent): such a snapshot takes a revision even without changes."""
+    return (
+        (old.instance is None and new.instance is not None)
+        or (old.scheduled_events is None and new.scheduled_events is not None)
+        or (old.loadbalancer is None and new.loadbalancer is not None)
+        or (old.loadbalancer_absent != new.loadbalancer_absent and new.loadbalancer is None)
+    )
 
 
 class PersistedState(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
@@ -85,13 +112,24 @@ def format_timestamp(now: datetime | float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+@dataclass(frozen=True, slots=True)
+class SaveTicket(Generic[S]):
+    """What one save writes: the state as of ``generation`` (see :meth:`Store.begin_save`)."""
+
+    generation: int
+    state: PersistedState[S]
+
+
 class Store(Generic[S]):
     """Current snapshot, revision counter, bounded change history and hook delivery marks.
 
     ``diff(old, new)`` lists the changes between two snapshots of ``snapshot_type``;
-    ``history`` is how many change frames are kept for watch resume. ``state`` restores a
-    previously persisted state (see :func:`imdsd.persist.load_state`); if it holds more
-    frames than ``history`` the oldest are dropped.
+    ``history`` is how many change frames are kept for watch resume and ``history_bytes``
+    (None: no limit) how many bytes their JSON may take. ``state`` restores a previously
+    persisted state (see :func:`imdsd.statelog.StateLog.load`); frames beyond the limits are
+    dropped, oldest first. ``carry(previous, new)`` (optional) prepares each new snapshot
+    before it is diffed; ``appeared(old, new)`` (optional) says when a snapshot without
+    changes still holds something new to readers. ``publish_on_save``: see the module doc.
     """
 
     def __init__(
@@ -100,10 +138,16 @@ class Store(Generic[S]):
         diff: DiffFunction[S],
         snapshot_type: type[S],
         history: int,
+        history_bytes: int | None = None,
         state: PersistedState[S] | None = None,
+        carry: CarryFunction[S] | None = None,
+        appeared: SnapshotRule[S] | None = None,
+        publish_on_save: bool = False,
     ) -> None:
         if history < 0:
             raise ValueError(f"history must be >= 0, got {history}")
+        if history_bytes is not None and history_bytes < 0:
+            raise ValueError(f"history_bytes must be >= 0, got {history_bytes}")
         if state is None:
             state = PersistedState()
         if state.snapshot is not None and not isinstance(state.snapshot, snapshot_type):
@@ -112,17 +156,26 @@ class Store(Generic[S]):
                 f"expected {snapshot_type.__name__}"
             )
         self._diff = diff
+        self._carry = carry
+        self._appeared = appeared
         self.snapshot_type = snapshot_type
         self._snapshot: S | None = state.snapshot
         self._revision = state.revision
         self._oldest = state.oldest
-        self._frames: collections.deque[ChangeFrame] = collections.deque(maxlen=history)
+        self._history = history
+        self._history_bytes = history_bytes
+        self._frames: collections.deque[ChangeFrame] = collections.deque()
+        self._sizes: collections.deque[int] = collections.deque()
+        self._bytes = 0
         for frame in state.history:
             self._keep(frame)
         self._hooks: dict[str, int] = dict(state.hooks)
         self._generation = 0
         self._critical_generation = 0
         self._saved_generation = 0
+        self._publish_on_save = publish_on_save
+        self._published: tuple[int, S | None] = (self._revision, self._snapshot)
+        self._pending: list[ChangeFrame] = []
 
     @classmethod
     def from_state(
@@ -138,13 +191,33 @@ class Store(Generic[S]):
 
     @property
     def snapshot(self) -> S | None:
-        """The current snapshot, None before the first one."""
+        """The current (applied, maybe not yet published) snapshot, None before the first."""
         return self._snapshot
 
     @property
     def revision(self) -> int:
-        """The current revision (0 before the first snapshot of a fresh store)."""
+        """The current (applied, maybe not yet published) revision; 0 in a fresh store."""
         return self._revision
+
+    @property
+    def published_revision(self) -> int:
+        """The revision readers, watchers and hooks see."""
+        return self._published[0]
+
+    @property
+    def published_snapshot(self) -> S | None:
+        """The snapshot readers see (None before the first one is published)."""
+        return self._published[1]
+
+    @property
+    def publish_on_save(self) -> bool:
+        """True when revisions are published by :meth:`saved`, not by :meth:`apply`."""
+        return self._publish_on_save
+
+    @property
+    def unpublished(self) -> int:
+        """How many revisions are applied but not yet published (not yet saved)."""
+        return self._revision - self._published[0]
 
     @property
     def oldest(self) -> int:
@@ -157,9 +230,33 @@ class Store(Generic[S]):
         return len(self._frames)
 
     @property
+    def history_bytes(self) -> int:
+        """Encoded size of the change frames currently kept."""
+        return self._bytes
+
+    @property
     def history_limit(self) -> int:
         """Maximum number of change frames kept."""
-        return self._frames.maxlen or 0
+        return self._history
+
+    def update(self, fields: Mapping[str, Any], now: datetime | float) -> bool:
+        """Replace some fields of the current snapshot; True when anything changed.
+
+        The usual poll -- every field equal to the current snapshot's -- changes nothing and
+        skips the diff. Otherwise the new snapshot is applied (see :meth:`apply`); a document
+        that ``appeared`` takes a revision even without changes.
+        """
+        current = self._snapshot
+        if current is not None and all(
+            getattr(current, name) == value for name, value in fields.items()
+        ):
+            return False
+        new = msgspec.structs.replace(current or self.snapshot_type(), **fields)
+        appeared = self._appeared
+        before = self._generation
+        fresh = current is not None and appeared is not None and appeared(current, new)
+        self.apply(new, now, new_content=fresh)
+        return self._generation != before
 
     def apply(
         self, snapshot: S, now: datetime | float, *, new_content: bool = False
@@ -175,18 +272,26 @@ class Store(Generic[S]):
             raise TypeError(
                 f"snapshot is a {type(snapshot).__name__}, expected {self.snapshot_type.__name__}"
             )
-        at = format_timestamp(now)
+        frame = self._apply(snapshot, format_timestamp(now), new_content)
+        if not self._publish_on_save:
+            self._published = (self._revision, self._snapshot)
+        return frame
+
+    def _apply(self, snapshot: S, at: str, new_content: bool) -> ChangeFrame | None:
         previous = self._snapshot
         if previous is None:
             self._snapshot = snapshot
             self._revision += 1
             self._oldest = self._revision
-            self._frames.clear()
+            self._clear_history()
+            self._pending.clear()
             # A baseline has no changes to deliver: hooks are up to date with it.
             for hook in self._hooks:
                 self._hooks[hook] = self._revision
             self._changed(critical=True)
             return None
+        if self._carry is not None:
+            snapshot = self._carry(previous, snapshot)
         changes = self._diff(previous, snapshot)
         self._snapshot = snapshot
         if not changes:
@@ -195,11 +300,15 @@ class Store(Generic[S]):
                 self._changed(critical=True)
             elif snapshot != previous:
                 self._changed(critical=False)
+                if not self.unpublished:  # same revision, nothing pending: show it at once
+                    self._published = (self._revision, snapshot)
             return None
         self._revision += 1
         frame = ChangeFrame(revision=self._revision, at=at, changes=list(changes))
         self._keep(frame)
         self._changed(critical=True)
+        if self._publish_on_save:
+            self._pending.append(frame)
         return frame
 
     def frames_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
@@ -218,6 +327,38 @@ class Store(Generic[S]):
             found.append(frame)
         found.reverse()
         return found
+
+    def published_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
+        """Like :meth:`frames_since`, for the published revisions only."""
+        limit = self._published[0]
+        if since > limit:
+            return GoneFrame(oldest=self._oldest)
+        found = self.frames_since(since)
+        if isinstance(found, GoneFrame) or not found or found[-1].revision <= limit:
+            return found
+        return [frame for frame in found if frame.revision <= limit]
+
+    def begin_save(self) -> SaveTicket[S]:
+        """A ticket holding the state to save now; pass it to :meth:`saved` once on disk."""
+        return SaveTicket(self._generation, self.to_state())
+
+    def saved(self, ticket: SaveTicket[S]) -> list[ChangeFrame]:
+        """Record that ``ticket``'s state is on disk and publish it.
+
+        Returns the change frames this publishes (none without ``publish_on_save``: each
+        apply published its own frame), oldest first.
+        """
+        self.mark_saved(ticket.generation)
+        revision = ticket.state.revision
+        if revision < self._published[0]:
+            return []
+        if revision == self._revision:
+            self._published = (revision, self._snapshot)
+        elif revision > self._published[0]:
+            self._published = (revision, ticket.state.snapshot)
+        done = [frame for frame in self._pending if frame.revision <= revision]
+        del self._pending[: len(done)]
+        return done
 
     def delivered(self, hook: str) -> int | None:
         """The last revision delivered to ``hook``, None if never marked."""
@@ -289,13 +430,21 @@ class Store(Generic[S]):
         )
 
     def _keep(self, frame: ChangeFrame) -> None:
-        limit = self._frames.maxlen
-        if limit == 0:
-            self._oldest = frame.revision
-            return
-        if len(self._frames) == limit:
-            self._oldest = self._frames[0].revision
+        size = len(_frame_encoder.encode(frame))
         self._frames.append(frame)
+        self._sizes.append(size)
+        self._bytes += size
+        limit = self._history_bytes
+        while self._frames and (
+            len(self._frames) > self._history or (limit is not None and self._bytes > limit)
+        ):
+            self._oldest = self._frames.popleft().revision
+            self._bytes -= self._sizes.popleft()
+
+    def _clear_history(self) -> None:
+        self._frames.clear()
+        self._sizes.clear()
+        self._bytes = 0
 
     def _changed(self, *, critical: bool) -> None:
         self._generation += 1

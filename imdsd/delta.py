@@ -1,0 +1,89 @@
+"""Structural deltas between JSON-like values (sans-IO), for the state journal.
+
+A delta turns one value into another and is about as large as what changed, not as the
+values themselves:
+
+- ``["=", value]``: replace with ``value``;
+- ``["d", {key: delta}, [removed keys]]``: edit an object key by key;
+- ``["l", length, {index: delta}]``: cut or pad a list (padding is ``None``) to ``length``,
+  then edit items by index (as strings, JSON object keys).
+
+:func:`make` never recurses deeper than :data:`MAX_DEPTH`; below it a value is replaced whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+MAX_DEPTH: Final = 64
+
+
+class DeltaError(ValueError):
+    """A delta that does not fit the value it is applied to."""
+
+
+def make(old: Any, new: Any, depth: int = 0) -> list[Any] | None:
+    """The delta from ``old`` to ``new``, None when they are equal."""
+    if _same(old, new):
+        return None
+    if depth < MAX_DEPTH and isinstance(old, dict) and isinstance(new, dict):
+        edits: dict[str, Any] = {}
+        for key, value in new.items():
+            if key not in old:
+                edits[key] = ["=", value]
+                continue
+            edit = make(old[key], value, depth + 1)
+            if edit is not None:
+                edits[key] = edit
+        return ["d", edits, [key for key in old if key not in new]]
+    if depth < MAX_DEPTH and isinstance(old, list) and isinstance(new, list):
+        items: dict[str, Any] = {}
+        for index, value in enumerate(new):
+            if index >= len(old):
+                items[str(index)] = ["=", value]
+                continue
+            edit = make(old[index], value, depth + 1)
+            if edit is not None:
+                items[str(index)] = edit
+        return ["l", len(new), items]
+    return ["=", new]
+
+
+def apply(value: Any, delta: Any) -> Any:
+    """``value`` changed by ``delta`` (``value`` itself is not modified)."""
+    if not isinstance(delta, list) or not delta:
+        raise DeltaError(f"not a delta: {delta!r:.80}")
+    op = delta[0]
+    if op == "=" and len(delta) == 2:
+        return delta[1]
+    if op == "d" and len(delta) == 3 and isinstance(value, dict):
+        edits, removed = delta[1], delta[2]
+        if not isinstance(edits, dict) or not isinstance(removed, list):
+            raise DeltaError("malformed object delta")
+        result = {key: item for key, item in value.items() if key not in set(removed)}
+        for key, edit in edits.items():
+            result[key] = apply(value.get(key), edit) if key in value else _whole(edit)
+        return result
+    if op == "l" and len(delta) == 3 and isinstance(value, list):
+        length, items = delta[1], delta[2]
+        if not isinstance(length, int) or length < 0 or not isinstance(items, dict):
+            raise DeltaError("malformed list delta")
+        result_list = value[:length] + [None] * (length - len(value))
+        for key, edit in items.items():
+            index = int(key)
+            if not 0 <= index < length:
+                raise DeltaError(f"list index {index} outside 0..{length - 1}")
+            result_list[index] = apply(result_list[index], edit)
+        return result_list
+    raise DeltaError(f"delta {op!r} does not fit a {type(value).__name__}")
+
+
+def _whole(delta: Any) -> Any:
+    if isinstance(delta, list) and len(delta) == 2 and delta[0] == "=":
+        return delta[1]
+    raise DeltaError("a new key needs a whole value")
+
+
+def _same(old: Any, new: Any) -> bool:
+    # JSON equality: True == 1 in Python, not in JSON.
+    return type(old) is type(new) and old == new
