@@ -157,6 +157,9 @@ class Metrics:
         self.budget_waiting = Gauge()
         self.upstream_freshness: Callable[[], Mapping[str, tuple[bool, float | None]]] | None = None
         self.revision = Gauge()
+        self.state_save_failures = Gauge()
+        self.state_saved = Gauge()
+        self.state_last_save = Gauge()
         self.watchers = Gauge()
         self.connections = Gauge()
         self.front_requests: dict[str, int] = dict.fromkeys(FRONT_RESULTS, 0)
@@ -243,6 +246,16 @@ class Metrics:
             sample(f"{name}_count", hist.count, ("endpoint", endpoint))
         family("imdsd_revision", "gauge", "Current revision of the cached state.")
         sample("imdsd_revision", self.revision.value())
+        family("imdsd_state_save_failures_total", "counter", "State saves that failed (retried).")
+        sample("imdsd_state_save_failures_total", self.state_save_failures.value())
+        family("imdsd_state_saved", "gauge", "1 when the last state save succeeded, else 0.")
+        sample("imdsd_state_saved", self.state_saved.value())
+        family(
+            "imdsd_state_last_save_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful state save (0: none since start).",
+        )
+        sample("imdsd_state_last_save_timestamp_seconds", self.state_last_save.value())
         family("imdsd_changes_total", "counter", "Changes published, by kind.")
         for kind, count in self.changes.items():
             sample("imdsd_changes_total", count, ("kind", kind))
