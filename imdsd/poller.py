@@ -210,18 +210,21 @@ class Poller:
         self.policy = RetryPolicy(interval=spec.interval, cap=min(RetryPolicy().cap, spec.interval))
         self.succeeded = False
         self._deliver = _deliverer(spec.endpoint, sink)
-        self._apply_error: str | None = None
+        self._internal_error: str | None = None
+
+    def _internal(self, now: float, event: str, error: str, exc: Exception) -> None:
+        """An ``internal`` failure; its traceback is logged once per distinct error."""
+        if error != self._internal_error:
+            self._internal_error = error
+            log.error(event, endpoint=self.spec.endpoint, exc_info=exc)
+        _note(self.health.record_failure(now, "internal", error))
 
     def _apply_failed(self, now: float, exc: ApplyFailed) -> None:
-        error = f"apply failed: {exc}"
-        if error != self._apply_error:
-            self._apply_error = error
-            log.error("snapshot consumer failed", endpoint=self.spec.endpoint, exc_info=exc)
-        _note(self.health.record_failure(now, "internal", error))
+        self._internal(now, "snapshot consumer failed", f"apply failed: {exc}", exc)
 
     def _succeeded(self, now: float, *, absent: bool = False) -> None:
         self.succeeded = True
-        self._apply_error = None
+        self._internal_error = None
         _note(self.health.record_success(now, absent=absent))
 
     def _observe(self, outcome: Outcome, decision: Decision) -> None:
@@ -276,10 +279,8 @@ class Poller:
             try:
                 wait = await self.poll_once()
             except Exception as exc:
-                log.exception("poller failed; retrying", endpoint=self.spec.endpoint)
-                _note(
-                    self.health.record_failure(trio.current_time(), "internal", f"internal: {exc}")
-                )
+                error = f"internal: {type(exc).__name__}: {exc}"[:300]
+                self._internal(trio.current_time(), "poller failed; retrying", error, exc)
                 wait = self.spec.interval
             await trio.sleep(wait)
 

@@ -327,6 +327,33 @@ async def test_apply_failures_are_poll_failures_logged_once_per_error(
     running.scope.cancel()
 
 
+async def test_a_poller_bug_is_an_internal_failure_logged_once(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transitions = record_transitions(monkeypatch)
+    emulator = await start_emulator(nursery)
+    config = make_config(emulator.url, instance=10.0, scheduled_events=0.0, loadbalancer=0.0)
+
+    async def broken_fetch(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    with capture_logs() as logs:
+        running = await start_pollers(nursery, config)
+        await running.holder.wait_for(lambda s: s.instance is not None)
+        monkeypatch.setattr(running.client, "fetch", broken_fetch)
+        await trio.sleep(95)
+    health = running.board["instance"]
+    assert health.failures["internal"] >= 9
+    assert health.last_error == "internal: RuntimeError: a bug"
+    assert [(t.old, t.new) for t in transitions] == [
+        ("starting", "ok"),
+        ("ok", "degraded"),
+        ("degraded", "stale"),
+    ]
+    assert len([e for e in logs if e["event"] == "poller failed; retrying"]) == 1
+    running.scope.cancel()
+
+
 async def test_a_3xx_is_retried_with_backoff_and_never_followed(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
