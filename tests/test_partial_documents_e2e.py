@@ -87,3 +87,30 @@ async def test_changes_made_while_sections_were_missing_are_reported_once(
                 ("tags", "added", "while-missing"),
             ]
             assert await proc.stop() == 0
+
+
+async def test_a_10000_deep_document_is_invalid_and_the_next_change_is_reported(
+    tmp_path: Path,
+) -> None:
+    deep = '{"compute":{"name":"x","plan":' + '{"a":' * 10_000 + "1" + "}" * 10_000 + "}}"
+    async with emulator() as emu, daemon(write_config(tmp_path, emu.endpoint)) as proc:
+        await proc.wait_ready()
+        since = (await _json(proc, "/v1/state"))["revision"]
+        await emu.fault(path=INSTANCE, body=deep, count=2)
+        with trio.fail_after(10):
+            while True:
+                instance = (await _json(proc, "/v1/health"))["upstream"]["instance"]
+                if instance["failures"]["invalid"] >= 2:
+                    break
+                await trio.sleep(0.2)
+        assert instance["failures"]["internal"] == 0
+        assert "nested deeper than 32 levels" in instance["last_error"]
+        await emu.action(action="set_tag", name="after-deep", value="1")
+        with trio.fail_after(10):
+            while not (await _json(proc, f"/v1/events?since={since}&wait=5s"))["frames"]:
+                pass
+        frames = (await _json(proc, f"/v1/events?since={since}&wait=0s"))["frames"]
+        assert [(c["kind"], c["key"]) for f in frames for c in f["changes"]] == [
+            ("tags", "after-deep")
+        ]
+        assert await proc.stop() == 0
