@@ -186,3 +186,31 @@ def test_restricted_paths_match_in_any_case() -> None:
         POLICY, get(Endpoint.INSTANCE, "2099-01-01", "COMPUTE"), AGENT, whole
     )
     assert decode(redacted.body) == {"vmId": "v"}
+
+
+def test_lasting_refusals_are_remembered_while_they_hold() -> None:
+    ctx = started_context()
+    ctx.known_versions = ["2020-10-01", "2021-02-01"]
+    cache = answers(ctx)
+    old = get(Endpoint.INSTANCE, "2016-01-01", "compute")
+    refused = _forwarded(msgspec.json.encode({"error": "x", "newest-versions": ["2021-02-01"]}))
+    refused = Answer(400, refused.body, refused.content_type, refused.headers, "forwarded")
+    assert cache.learned(old) is None
+    cache.learn(old, refused)
+    kept = cache.learned(get(Endpoint.INSTANCE, "2016-01-01"))
+    assert kept is not None
+    assert (kept.status, kept.body, kept.result) == (400, refused.body, "cached")
+    assert dict(kept.headers) == {"x-imdsd-source": "cache"}
+    ctx.known_versions = ["2020-10-01", "2021-02-01", "2021-05-01"]  # IMDS was updated
+    assert cache.learned(old) is None
+    lb = get(Endpoint.LOADBALANCER, "2020-10-01")
+    absent = Answer(404, b'{"error":"none"}', "application/json", (), "forwarded")
+    cache.learn(lb, absent)  # imdsd's own polls found a load balancer: not remembered
+    assert cache.learned(lb) is None
+    ctx.apply(full_snapshot().with_loadbalancer_absent())
+    cache.learn(lb, absent)
+    assert cache.learned(lb) is not None
+    ctx.apply(full_snapshot())
+    assert cache.learned(lb) is None
+    cache.learn(get(Endpoint.IDENTITY, "2018-02-01"), refused)  # only cached endpoints
+    assert cache.learned(get(Endpoint.IDENTITY, "2018-02-01")) is None

@@ -321,3 +321,29 @@ async def test_socket_activated_front(tmp_path: Path) -> None:
     assert imdsd_headers(answer)["x-imdsd-source"] == "cache"
     assert health["front"]["listen"] == [f"127.0.0.1:{port}"]
     assert health["callers"][0]["cached"] == 1
+
+
+async def test_imdss_lasting_refusals_are_asked_once(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu:
+        await emu.control("DELETE", "loadbalancer")
+        async with front_daemon(tmp_path, emu) as daemon:
+            with trio.fail_after(10):
+                while not ((snapshot := daemon.keeper.snapshot) and snapshot.loadbalancer_absent):
+                    await trio.sleep(0.05)
+            port = front_port(daemon)
+            await emu.control("DELETE", "stats")
+            answers = []
+            for target in 3 * [
+                "/metadata/instance/compute?api-version=2016-01-01",
+                "/metadata/loadbalancer?api-version=2020-10-01",
+            ]:
+                answers.append(await call(port, "GET", target, [MD]))
+            stats = await emu.stats()
+    sources = [imdsd_headers(a)["x-imdsd-source"] for a in answers]
+    assert sources == ["upstream", "upstream", "cache", "cache", "cache", "cache"]
+    assert [a.status for a in answers] == [400, 404] * 3
+    assert answers[0].body == answers[2].body
+    assert answers[1].body == answers[3].body
+    asked = stats["by_path_status"]
+    assert asked["/metadata/instance/compute"] == {"400": 1}
+    assert asked["/metadata/loadbalancer"].get("404", 0) <= 2  # ours once, a poll maybe

@@ -9,6 +9,10 @@ the endpoint or is newer than the polled one, a field of unknown age, the load b
 (:mod:`imdsd.filtering`, JSON on a leaf refused). Restricted paths apply by the caller's uid
 and gid (:class:`imdsd.api.access.AccessPolicy`): 403 below a restricted path, redacted above.
 
+IMDS's lasting refusals of such reads (an api-version it does not serve, the load balancer's
+404) are remembered while they hold (:meth:`CacheAnswers.learn`), so an agent repeating one
+spends no more of the budget.
+
 Every cached answer carries ``X-Imdsd-Source: cache``, ``X-Imdsd-Revision``,
 ``X-Imdsd-Fetched-At`` (when fetched in this run) and ``X-Imdsd-Stale``; a stale answer (the
 endpoint's polls are failing) is the last good document, served stale-if-error.
@@ -33,6 +37,7 @@ from imdsd.store import format_timestamp
 from imdsd.upstream.versions import GENERAL_VERSIONS, SCHEDULED_EVENTS_VERSIONS
 
 MAX_MEMO = 1024
+MAX_LEARNED = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,54 @@ class CacheAnswers:
         self.policy = policy
         self._memo: dict[Any, Any] = {}
         self._memo_key: Any = None
+        self._learned: dict[tuple[str, str], tuple[Any, Answer]] = {}
+
+    def learn(self, request: Routed, answer: Answer) -> None:
+        """Remember IMDS's refusal of a forwarded read of a cached endpoint, when it will
+        refuse the same way until something imdsd sees changes:
+
+        - a ``400`` naming ``newest-versions`` (an api-version IMDS does not serve for the
+          endpoint), while IMDS's version list stays the same;
+        - the load balancer's ``404`` while imdsd's own polls find none.
+        """
+        version = request.api_version
+        if request.method != "GET" or version is None or request.forwarded:
+            return
+        if answer.status == 400 and b'"newest-versions"' in answer.body:
+            key, token = (request.endpoint.value, version), self._versions_token()
+        elif request.endpoint is Endpoint.LOADBALANCER and answer.status == 404:
+            if not self._loadbalancer_absent():
+                return
+            key, token = ("loadbalancer-absent", version), True
+        else:
+            return
+        if len(self._learned) >= MAX_LEARNED:
+            self._learned.clear()
+        headers = (("x-imdsd-source", "cache"),)
+        self._learned[key] = (
+            token,
+            Answer(answer.status, answer.body, answer.content_type, headers, "cached"),
+        )
+
+    def learned(self, request: Routed) -> Answer | None:
+        """A refusal remembered by :meth:`learn` that still holds, else None."""
+        version = request.api_version
+        if request.method != "GET" or version is None or request.forwarded:
+            return None
+        found = self._learned.get((request.endpoint.value, version))
+        if found is not None and found[0] == self._versions_token():
+            return found[1]
+        found = self._learned.get(("loadbalancer-absent", version))
+        if request.endpoint is Endpoint.LOADBALANCER and found and self._loadbalancer_absent():
+            return found[1]
+        return None
+
+    def _versions_token(self) -> Any:
+        return tuple(self.ctx.versions() or ())
+
+    def _loadbalancer_absent(self) -> bool:
+        snapshot = self.ctx.snapshot
+        return snapshot is not None and snapshot.loadbalancer_absent
 
     def known_versions(self) -> Sequence[str]:
         """The api-versions IMDS lists (imdsd's own list when it has not said)."""

@@ -168,7 +168,7 @@ class FrontServer:
             answer = None
             peer = Peer(caller.pid or -1, caller.uid, caller.gid)
             if not verdict.forwarded:
-                answer = self.cache.answer(verdict, peer)
+                answer = self.cache.answer(verdict, peer) or self.cache.learned(verdict)
             if answer is None:
 
                 def queued() -> None:
@@ -183,6 +183,7 @@ class FrontServer:
                     on_queued=queued,
                 )
                 answer = redact_forwarded(self.policy(), verdict, peer, answer)
+                self.cache.learn(verdict, answer)
         self.results[answer.result] += 1
         kind = _COUNTED[answer.result]
         setattr(counts, kind, getattr(counts, kind) + 1)
