@@ -347,3 +347,18 @@ async def test_imdss_lasting_refusals_are_asked_once(tmp_path: Path) -> None:
     asked = stats["by_path_status"]
     assert asked["/metadata/instance/compute"] == {"400": 1}
     assert asked["/metadata/loadbalancer"].get("404", 0) <= 2  # ours once, a poll maybe
+
+
+async def test_reload_applies_queue_timeout_and_token_cache(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        assert daemon.front is not None
+        assert (daemon.front.relay.queue_timeout, daemon.front.relay.token_cache) == (5.0, True)
+        extra = '[front]\nqueue_timeout = "1500ms"\ntoken_cache = false\n'
+        write_config(tmp_path, emu.url, extra, loadbalancer="60s")
+        assert await daemon.reload()
+        relay = daemon.front.relay
+        assert (relay.queue_timeout, relay.token_cache) == (1.5, False)
+        port = front_port(daemon)
+        for _ in range(2):
+            answer = await call(port, "GET", f"{TOKEN}&resource=https://r/", [MD])
+            assert imdsd_headers(answer)["x-imdsd-source"] == "upstream"
