@@ -454,3 +454,151 @@ def test_baseline_brings_hook_marks_up_to_date() -> None:
     store.apply(_AppearSnap(a=1), 0.0)
     assert store.delivered("h") == 1
     assert store.frames_since(1) == []
+
+
+# ------------------------------------------------------------ update, publish, limits
+
+
+def saving_store(history: int = 10, **options: object) -> Store[Snap]:
+    """A store that publishes a revision only once a save of it succeeded (the daemon's)."""
+    return Store(
+        diff=fake_diff,
+        snapshot_type=Snap,
+        history=history,
+        publish_on_save=True,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_update_skips_the_diff_when_every_field_is_unchanged() -> None:
+    calls = []
+
+    def counting_diff(old: Snap, new: Snap) -> list[Change]:
+        calls.append((old, new))
+        return fake_diff(old, new)
+
+    store = Store(diff=counting_diff, snapshot_type=Snap, history=4)
+    assert store.update({"tags": {"a": "1"}}, NOW)
+    assert store.update({"tags": {"a": "2"}}, NOW)
+    generation = store.generation
+    assert not store.update({"tags": {"a": "2"}}, NOW)
+    assert not store.update({"tags": {"a": "2"}, "extra": ""}, NOW)
+    assert (len(calls), store.generation, store.revision) == (1, generation, 2)
+    assert store.update({"extra": "seen"}, NOW), "a field the diff ignores still changes"
+    assert (store.revision, store.snapshot) == (2, Snap(tags={"a": "2"}, extra="seen"))
+
+
+def test_update_gives_a_revision_to_content_that_appeared() -> None:
+    store = Store(
+        diff=fake_diff,
+        snapshot_type=Snap,
+        history=4,
+        appeared=lambda old, new: not old.extra and bool(new.extra),
+    )
+    store.update({"tags": {"a": "1"}}, NOW)
+    assert store.update({"extra": "new document"}, NOW)
+    assert (store.revision, store.frames_since(1)) == (2, [])
+    assert store.update({"extra": "edited"}, NOW)
+    assert store.revision == 2, "not new content: the same revision"
+
+
+def test_carry_prepares_each_snapshot_before_the_diff() -> None:
+    def carry(previous: Snap, new: Snap) -> Snap:
+        return msgspec.structs.replace(new, tags={**previous.tags, **new.tags})
+
+    store = Store(diff=fake_diff, snapshot_type=Snap, history=4, carry=carry)
+    store.apply(snap(a="1", b="1"), NOW)
+    frame = store.apply(snap(b="2"), NOW)
+    assert frame is not None
+    assert [(c.key, c.op) for c in frame.changes] == [("b", "modified")]
+    assert store.snapshot == snap(a="1", b="2")
+
+
+def test_a_revision_is_published_only_once_saved() -> None:
+    store = saving_store()
+    store.apply(snap(a="1"), NOW)
+    assert (store.published_revision, store.published_snapshot) == (0, None)
+    assert store.saved(store.begin_save()) == []
+    assert (store.published_revision, store.published_snapshot) == (1, snap(a="1"))
+    first = store.apply(snap(a="2"), NOW)
+    failed = store.begin_save()  # this save fails: saved() is never called for it
+    assert (store.published_revision, store.unpublished) == (1, 1)
+    assert store.published_since(1) == []
+    assert store.published_since(2) == GoneFrame(oldest=1), "not published: unknown"
+    second = store.apply(snap(a="3"), NOW)
+    assert store.saved(store.begin_save()) == [first, second]
+    assert store.published_since(1) == [first, second]
+    assert (store.published_revision, store.published_snapshot) == (3, snap(a="3"))
+    assert store.saved(failed) == [], "a late ticket publishes nothing older"
+    assert store.published_revision == 3
+
+
+def test_a_snapshot_only_update_is_published_at_once_unless_a_revision_is_pending() -> None:
+    store = saving_store()
+    store.apply(snap(a="1"), NOW)
+    store.saved(store.begin_save())
+    store.apply(Snap(tags={"a": "1"}, extra="x"), NOW)
+    assert store.published_snapshot == Snap(tags={"a": "1"}, extra="x")
+    assert not store.must_save
+    store.apply(Snap(tags={"a": "2"}, extra="x"), NOW)
+    store.apply(Snap(tags={"a": "2"}, extra="y"), NOW)
+    assert store.published_snapshot == Snap(tags={"a": "1"}, extra="x")
+    store.saved(store.begin_save())
+    assert store.published_snapshot == Snap(tags={"a": "2"}, extra="y")
+
+
+def test_history_is_bounded_in_bytes() -> None:
+    size = len(msgspec.json.encode(ChangeFrame(revision=2, at=format_timestamp(NOW), changes=[])))
+    store = Store(diff=fake_diff, snapshot_type=Snap, history=100, history_bytes=10_000)
+    store.apply(snap(), NOW)
+    for n in range(40):
+        store.apply(snap(blob=f"{n}".ljust(1000, "x")), NOW)
+    assert store.history_bytes <= 10_000
+    kept = store.history_size
+    assert 3 <= kept < 10, "each frame holds two 1000-byte values"
+    assert store.oldest == store.revision - kept
+    assert store.frames_since(store.oldest - 1) == GoneFrame(oldest=store.oldest)
+    assert len(store.frames_since(store.oldest)) == kept  # type: ignore[arg-type]
+    restored = Store(
+        diff=fake_diff,
+        snapshot_type=Snap,
+        history=100,
+        history_bytes=size * 3 + 4000,
+        state=store.to_state(),
+    )
+    assert restored.history_size == 1, "a smaller limit drops frames on load"
+    assert restored.oldest == restored.revision - 1
+    tiny = Store(diff=fake_diff, snapshot_type=Snap, history=100, history_bytes=10)
+    tiny.apply(snap(), NOW)
+    tiny.apply(snap(a="1"), NOW)
+    assert (tiny.history_size, tiny.oldest, tiny.revision) == (0, 2, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=40))
+def test_published_frames_never_skip_nor_repeat_whatever_saves_fail(
+    steps: list[tuple[int, bool]],
+) -> None:
+    """Apply random snapshots; each is saved or its save fails. What is published is always
+    the saved prefix, and the published frames walk through every change exactly once."""
+    store = saving_store(history=100)
+    store.apply(snap(v="0"), NOW)
+    store.saved(store.begin_save())
+    published: list[ChangeFrame] = []
+    seen = "0"
+    for value, save_ok in steps:
+        store.apply(snap(v=str(value)), NOW)
+        ticket = store.begin_save()
+        if save_ok:
+            published += store.saved(ticket)
+            assert store.published_revision == store.revision
+        shown = published[-1].changes[0].new if published else "0"
+        assert store.published_snapshot == snap(v=shown), "only what was saved is shown"
+        assert store.published_since(store.published_revision) == []
+    published += store.saved(store.begin_save())
+    for frame in published:
+        (change,) = frame.changes
+        assert change.old == seen
+        seen = change.new
+    assert seen == store.snapshot.tags["v"]  # type: ignore[union-attr]
+    assert [f.revision for f in published] == list(range(2, store.revision + 1))
