@@ -20,6 +20,10 @@ GOALS: dict[str, tuple[str, Callable[[Mapping[str, float]], bool]]] = {
     "idle_cpu_pct": ("<= 0.5", lambda f: f["idle_cpu_pct"] <= 0.5),
     "rss_mb_1000_watchers": ("<= 60", lambda f: f["rss_mb_1000_watchers"] <= 60),
     "change_to_hook_ms": ("<= 100", lambda f: f["change_to_hook_ms"] <= 100),
+    "front_upstream_429": (
+        "== 0 while front_direct_429 > 0",
+        lambda f: f["front_upstream_429"] == 0 and f["front_direct_429"] > 0,
+    ),
 }
 
 RESULT_KEYS = (
@@ -38,8 +42,17 @@ RESULT_KEYS = (
     "rss_mb_idle",
     "rss_mb_1000_watchers",
     "change_to_hook_ms",
+    "front_upstream_429",
+    "front_direct_429",
+    "front_cached_p50_ms",
+    "front_cached_p99_ms",
+    "front_identity_in_time_pct",
+    "front_cpu_us_per_request",
 )
-OPTIONAL_KEYS = frozenset({"nginx_rps", "query_vs_nginx"})
+# the front keys only when the (root-only) front phase ran
+OPTIONAL_KEYS = frozenset(
+    {"nginx_rps", "query_vs_nginx", *(k for k in RESULT_KEYS if k.startswith("front_"))}
+)
 _DECIMALS = {
     "query_rps": 0,
     "bare_h11_rps": 0,
@@ -52,6 +65,10 @@ _DECIMALS = {
     "idle_cpu_pct": 2,
     "rss_mb_idle": 1,
     "rss_mb_1000_watchers": 1,
+    "front_upstream_429": 0,
+    "front_direct_429": 0,
+    "front_identity_in_time_pct": 1,
+    "front_cpu_us_per_request": 0,
 }
 
 

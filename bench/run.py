@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import front
 from benchkit import (
     Child,
     Workspace,
@@ -45,7 +46,7 @@ QUERY = "/metadata/instance/compute/tags?format=text"
 WATCHERS = 1000
 CONNECTIONS = 16
 WARMUP = 0.5
-PHASES = frozenset({"idle", "query", "agents", "rss", "fanout", "hooks"})
+PHASES = frozenset({"idle", "query", "agents", "rss", "fanout", "hooks", "front"})
 REPLAYED_HEADERS = ("content-type", "etag", "x-imdsd-revision", "x-imdsd-fetched-at")
 
 
@@ -59,6 +60,7 @@ class Plan:
     agents: float
     fanout_changes: int
     hook_changes: int
+    front: float
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -66,11 +68,11 @@ class Plan:
         if quick:
             return cls(
                 idle=20, query_seconds=2.5, query_rounds=4, agents=15, fanout_changes=20,
-                hook_changes=10,
+                hook_changes=10, front=10,
             )  # fmt: skip
         return cls(
             idle=60, query_seconds=8, query_rounds=6, agents=30, fanout_changes=50,
-            hook_changes=30,
+            hook_changes=30, front=30,
         )  # fmt: skip
 
 
@@ -158,7 +160,16 @@ format = "json"
 
     def run(self) -> Report:
         """Every phase in order; a failing phase is reported and the others still run."""
+        self.run_local()
+        title = "IMDS front: 50 agents + 10 token processes through the redirect (root)"
+        self.phase("front", title, front.run_phase, self, self.plan.front)
+        return self.report
+
+    def run_local(self) -> Report:
+        """The phases against the local socket, fan-out and hooks."""
         plan = self.plan
+        if not self.wanted - {"front"}:
+            return self.report
         _e0, e0 = self.emulator("emulator")
         if self.wanted & {"idle", "query", "agents", "rss"}:
             cfg, sock = self.config("daemon", e0)
