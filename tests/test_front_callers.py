@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from imdsd.front import sockdiag
 from imdsd.front.callers import (
     UNKNOWN,
     Caller,
@@ -97,8 +98,9 @@ def _comm(pid: int) -> str:
     return command_name(Path(f"/proc/{pid}/comm").read_text().strip(), argv)
 
 
+@pytest.mark.parametrize("netlink", [True, False], ids=["netlink", "proc"])
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_a_connection_from_this_process(family: int) -> None:
+def test_a_connection_from_this_process(family: int, netlink: bool) -> None:
     if family == socket.AF_INET6 and not socket.has_ipv6:
         pytest.skip("no IPv6 on this host")
     with _listener(family) as server:
@@ -110,7 +112,7 @@ def test_a_connection_from_this_process(family: int) -> None:
             pytest.skip(f"cannot connect over {family!r}: {exc}")
         accepted, peer = server.accept()
         with client, accepted:
-            caller = Resolver().resolve(peer[:2], accepted.getsockname()[:2])
+            caller = Resolver(netlink=netlink).resolve(peer[:2], accepted.getsockname()[:2])
     assert caller == Caller(os.geteuid(), os.getegid(), os.getpid(), _comm(os.getpid()))
 
 
@@ -170,3 +172,39 @@ def test_an_unknown_peer() -> None:
 )
 def test_command_names_show_scripts_not_arguments(comm: str, argv: list[str], shown: str) -> None:
     assert command_name(comm, argv) == shown
+
+
+def test_netlink_finds_a_redirected_connection_by_its_original_destination() -> None:
+    with _listener() as server, socket.create_connection(server.getsockname()) as client:
+        accepted, peer = server.accept()
+        with accepted:
+            # as after a redirect: the front's own address is not where the client connected
+            elsewhere = ("127.0.0.1", 1)
+            assert sockdiag.lookup(peer, elsewhere) is None
+            resolver = Resolver(proc="/nonexistent")  # netlink only
+            found = resolver.socket_of(peer, elsewhere, accepted.getsockname())
+            assert found == (os.geteuid(), os.fstat(client.fileno()).st_ino)
+            assert Resolver().resolve(peer, elsewhere, accepted.getsockname()).pid == os.getpid()
+
+
+def test_sockdiag_request_and_answer() -> None:
+    request = sockdiag.build_request(("10.0.0.4", 40000), ("169.254.169.254", 80))
+    assert len(request) == 16 + 56
+    assert request[16:18] == bytes([socket.AF_INET, socket.IPPROTO_TCP])
+    assert request[24:28] == (40000).to_bytes(2, "big") + (80).to_bytes(2, "big")
+    assert request[28:32] == bytes([10, 0, 0, 4])
+    assert request[44:48] == bytes([169, 254, 169, 254])
+    mapped = sockdiag.build_request(("::ffff:127.0.0.1", 5), ("127.0.0.1", 6))
+    assert mapped[16] == socket.AF_INET
+    with pytest.raises(ValueError, match="different families"):
+        sockdiag.build_request(("::1", 5), ("127.0.0.1", 6))
+    answer = bytearray(16 + 72)
+    answer[0:4] = len(answer).to_bytes(4, "little")
+    answer[4:6] = sockdiag.SOCK_DIAG_BY_FAMILY.to_bytes(2, "little")
+    answer[16 + 64 : 16 + 72] = (1000).to_bytes(4, "little") + (4242).to_bytes(4, "little")
+    assert sockdiag.parse_response(bytes(answer)) == (1000, 4242)
+    error = bytearray(answer)
+    error[4:6] = sockdiag.NLMSG_ERROR.to_bytes(2, "little")
+    assert sockdiag.parse_response(bytes(error)) is None
+    assert sockdiag.parse_response(b"short") is None
+    assert sockdiag.lookup(("not an address", 1), ("127.0.0.1", 2)) is None

@@ -11,6 +11,7 @@ FRONT_CORE = (
     "imdsd.front.forward",
     "imdsd.front.rules",
     "imdsd.front.shaping",
+    "imdsd.front.sockdiag",
     "imdsd.front.tokens",
 )
 

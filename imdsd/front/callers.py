@@ -1,17 +1,18 @@
 """Who is calling the front: uid, pid and command of a TCP peer, from the kernel's tables.
 
 Nothing the caller sends is trusted. For a connection accepted from ``peer`` (address, port)
-the client's own socket is looked up in ``/proc/net/tcp`` and ``/proc/net/tcp6``: the entry
-whose *local* address is ``peer`` (preferring one whose remote address is the front's, which
-differs when an nftables redirect rewrote the destination) gives the socket's uid and inode;
-the process holding ``socket:[inode]`` is found by reading ``/proc/<pid>/fd`` links (pids
-seen before first, then every process, newest first), and its command from
-``/proc/<pid>/comm``. Finding
-the pid of another user's process needs root (or CAP_SYS_PTRACE); without it the pid and
-command stay unknown and only the uid is known.
+the client's own socket is looked up: asked of the kernel by netlink (:mod:`.sockdiag`, by
+its exact 4-tuple: ``peer`` to the front's address, or to the original destination when an
+nftables redirect rewrote it), else in ``/proc/net/tcp`` and ``/proc/net/tcp6`` (the entry
+whose *local* address is ``peer``, preferring one whose remote address is the front's). That
+gives the socket's uid and inode; the process holding ``socket:[inode]`` is found by reading
+``/proc/<pid>/fd`` links (pids seen before first, then every process, newest first), and its
+command from ``/proc/<pid>/comm`` and ``cmdline`` (:func:`command_name`). Finding the pid of
+another user's process needs root (or CAP_SYS_PTRACE); without it the pid and command stay
+unknown and only the uid is known.
 
 Parsing and the per-caller counters (:class:`CallerStats`) are sans-IO; :class:`Resolver`
-reads ``/proc`` (call it in a worker thread).
+reads ``/proc`` and netlink (blocking: call it in a worker thread).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from imdsd.front import sockdiag
 
 Address = tuple[str, int]
 ESTABLISHED = 0x01
@@ -200,8 +203,9 @@ class CallerStats:
 class Resolver:
     """Reads ``/proc`` to find a TCP peer's process (blocking: run it in a thread)."""
 
-    def __init__(self, proc: str = "/proc", remember: int = 256) -> None:
+    def __init__(self, proc: str = "/proc", remember: int = 256, *, netlink: bool = True) -> None:
         self.proc = proc
+        self.netlink = netlink
         self.remember = remember
         self._recent: OrderedDict[int, None] = OrderedDict()
         self.scans = 0
@@ -214,8 +218,24 @@ class Resolver:
         except OSError:
             return ""
 
-    def socket_of(self, peer: Address, ours: Address | None) -> SocketEntry | None:
-        """The client's socket entry for a connection from ``peer`` to ``ours``."""
+    def socket_of(
+        self, peer: Address, ours: Address | None, original: Address | None = None
+    ) -> tuple[int, int] | None:
+        """The uid and inode of the client's socket of a connection from ``peer`` to ``ours``.
+
+        Asked by netlink for the exact socket first (its destination is ``ours``, or
+        ``original`` when a redirect rewrote it), then found in ``/proc/net/tcp{,6}``.
+        """
+        if self.netlink:
+            for destination in (ours, original):
+                if destination is not None:
+                    found = sockdiag.lookup(peer, destination)
+                    if found is not None:
+                        return found.uid, found.inode
+        entry = self._socket_in_tables(peer, ours)
+        return None if entry is None else (entry.uid, entry.inode)
+
+    def _socket_in_tables(self, peer: Address, ours: Address | None) -> SocketEntry | None:
         local = encode_address(peer)
         entries = parse_table(self._read("net/tcp"), local)
         entries += parse_table(self._read("net/tcp6"), local)
@@ -270,13 +290,17 @@ class Resolver:
                 break
         return command, gid
 
-    def resolve(self, peer: Address, ours: Address | None) -> Caller:
-        """The caller of a TCP connection from ``peer`` to ``ours``; uid -1 when not found."""
-        entry = self.socket_of(peer, ours)
-        if entry is None:
+    def resolve(
+        self, peer: Address, ours: Address | None, original: Address | None = None
+    ) -> Caller:
+        """The caller of a TCP connection from ``peer`` to ``ours`` (``original``: where the
+        client connected to, when a redirect rewrote it); uid -1 when not found."""
+        found = self.socket_of(peer, ours, original)
+        if found is None:
             return UNKNOWN
-        pid = self.pid_of(entry.inode)
+        uid, inode = found
+        pid = self.pid_of(inode)
         if pid is None:
-            return Caller(entry.uid, -1, None, "")
+            return Caller(uid, -1, None, "")
         command, gid = self.process(pid)
-        return Caller(entry.uid, gid, pid, command)
+        return Caller(uid, gid, pid, command)

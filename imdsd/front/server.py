@@ -69,13 +69,15 @@ async def open_front_listeners(
 
 
 class Connection:
-    """One accepted TCP connection: both addresses and, once looked up, its caller."""
+    """One accepted TCP connection: its addresses (and the one the client connected to, when
+    a redirect rewrote it) and, once looked up, its caller."""
 
-    __slots__ = ("caller", "ours", "peer")
+    __slots__ = ("caller", "original", "ours", "peer")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.peer: Address | None = None
         self.ours: Address | None = None
+        self.original: Address | None = None
         self.caller: Caller | None = None
         if isinstance(stream, trio.SocketStream):
             try:
@@ -83,6 +85,24 @@ class Connection:
                 self.ours = _address(stream.socket.getsockname())
             except OSError:
                 pass
+            self.original = original_destination(stream.socket)
+
+
+SO_ORIGINAL_DST: Final = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
+
+
+def original_destination(sock: Any) -> Address | None:
+    """Where the client connected to before a NAT redirect (conntrack), or None."""
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
+    except OSError:  # not redirected (ENOENT), or no conntrack here
+        return None
+    return None
 
 
 def _address(name: Any) -> Address | None:
@@ -143,7 +163,7 @@ class FrontServer:
             return UNKNOWN
         if conn.caller is None:
             conn.caller = await trio.to_thread.run_sync(
-                self.resolver.resolve, conn.peer, conn.ours, abandon_on_cancel=True
+                self.resolver.resolve, conn.peer, conn.ours, conn.original, abandon_on_cancel=True
             )
         return conn.caller
 
