@@ -375,7 +375,7 @@ def move_aside(directory: str, path: str) -> str | None:
         suffix += 1
         target = os.path.join(directory, f"{prefix}{stamp}-{suffix}")
     try:
-        os.replace(path, target)
+        _ops.replace(path, target)
     except OSError as exc:
         _log.warning("state_file_not_moved", path=path, problem=exc.strerror)
         return None

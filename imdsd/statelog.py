@@ -155,7 +155,10 @@ class StateLog(Generic[S]):
                 data = b""
             except persist.CorruptFile as exc:
                 data, problem = b"", str(exc)
-                persist.move_aside(self.directory, self.journal_path)
+                if persist.move_aside(self.directory, self.journal_path) is None:
+                    raise PersistError(f"{exc}; cannot move it aside") from exc
+            if loaded.problem is not None:
+                data = b""  # records extend the state file that was lost: the next save drops them
             state, seq, good, journal_problem = replay(state, seq, data, self.snapshot_type)
             if journal_problem is not None:
                 problem = journal_problem

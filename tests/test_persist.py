@@ -546,3 +546,33 @@ def test_sigkilled_writer_processes_leave_old_or_new(tmp_path: Path) -> None:
         watchdog.cancel()
     assert min(seen.values()) > 0
     assert mid_save > 0
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir()
+
+
+def _loop(path: Path) -> None:
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize("make", [_mkdir, _loop, os.mkfifo], ids=["directory", "loop", "FIFO"])
+def test_a_state_file_that_is_not_a_regular_file_is_moved_aside_without_hanging(
+    tmp_path: Path, make: Callable[[Path], None]
+) -> None:
+    save_state(str(tmp_path), state_at(4))
+    path = tmp_path / "state.json"
+    path.unlink()
+    make(path)
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(load(tmp_path)), daemon=True)
+    with capture_logs():
+        thread.start()
+        thread.join(10)
+    assert result, "load_state hangs"
+    loaded = result[0]
+    assert isinstance(loaded, LoadedState)
+    assert loaded.problem is not None
+    assert str(path) in loaded.problem
+    assert loaded.state == PersistedState(revision=4, oldest=4)
+    assert not os.path.lexists(path)
