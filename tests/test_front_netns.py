@@ -260,3 +260,27 @@ def test_sigkill_leaves_rules_that_execstoppost_removes(stack: Stack) -> None:
         assert answers["curl"]["server"].startswith("imdsd-emulator/")
     finally:
         stack.start()
+
+
+def _wait_status(stack: Stack, code: int) -> None:
+    deadline = time.monotonic() + 15
+    while stack.redirect("status").returncode != code:
+        assert time.monotonic() < deadline, f"redirect status never exited {code}"
+        time.sleep(0.1)
+
+
+def test_reload_switches_the_redirect(stack: Stack) -> None:
+    assert stack.daemon is not None
+    text = stack.config.read_text()
+    try:
+        stack.config.write_text(text.replace("redirect = true", "redirect = false"))
+        stack.daemon.send_signal(signal.SIGHUP)
+        _wait_status(stack, 3)
+        headers, _ = _curl(stack, INSTANCE)
+        assert headers["server"].startswith("imdsd-emulator/")
+    finally:
+        stack.config.write_text(text)
+        stack.daemon.send_signal(signal.SIGHUP)
+    _wait_status(stack, 0)
+    headers, _ = _curl(stack, INSTANCE)
+    assert headers["server"].startswith("imdsd/")
