@@ -298,3 +298,31 @@ async def test_no_answer_upstream_is_imdss_500(autojump_clock: trio.testing.Mock
     out: list[Any] = []
     await _send(relay, "a", "/metadata/attested/document", out)
     assert out == [("error", "a", 500)]
+
+
+async def test_concurrent_requests_for_one_token_ask_imds_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = FakeClient()
+    relay = _relay(client)
+    out: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        for index in range(10):
+            nursery.start_soon(_send, relay, f"c{index}", TOKEN, out)
+    assert len(client.calls) == 1
+    assert sorted(r for r, *_ in out) == ["cached"] * 9 + ["forwarded"]
+
+
+async def test_waiting_for_a_token_that_is_not_kept_asks_imds_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = FakeClient()
+    relay = _relay(client)
+    relay.token_cache = True
+    relay.tokens.capacity = 0  # nothing can be kept: every waiter asks in turn
+    out: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        for index in range(3):
+            nursery.start_soon(_send, relay, f"c{index}", TOKEN, out)
+    assert len(client.calls) == 3
+    assert [r for r, *_ in out] == ["forwarded"] * 3

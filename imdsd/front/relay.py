@@ -7,7 +7,8 @@ its turn and a free upstream connection (a *lane*), then for capacity: imdsd's r
 than ``queue_timeout`` the caller gets IMDS's own ``429``. The request then goes upstream as
 it came (method, target, headers, body; nothing added, no proxy) and IMDS's answer is passed
 on with ``X-Imdsd-Source: upstream``. No answer at all (IMDS unreachable, timed out) gives
-IMDS's ``500``, with ``X-Imdsd-Error`` saying why.
+IMDS's ``500``, with ``X-Imdsd-Error`` saying why. With the token cache on, requests for a
+token being fetched wait for that answer instead of each asking IMDS.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Relay:
         self.general = Gate([f"front-{i}" for i in range(GENERAL_LANES)])
         self.identity_gate = Gate([f"identity-{i}" for i in range(self.identity.concurrency)])
         self._identity_changed = trio.Event()
+        self._fetching: dict[str, trio.Event] = {}
 
     @property
     def waiting(self) -> int:
@@ -144,37 +146,59 @@ class Relay:
         identity = request.endpoint is Endpoint.IDENTITY
         token = identity and self.token_cache and request.method == "GET"
         token = token and target.partition("?")[0] == TOKEN_PATH
-        if token:
-            kept = self.tokens.get(target, self.wall())
-            if kept is not None:
-                return _token_answer(kept.headers, kept.body)
-        sent = [(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST]
         deadline = trio.current_time() + self.queue_timeout
+        sent = [(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST]
+        outgoing = _Outgoing(identity, caller, request.method, target, sent, body)
         try:
-            response = await self._send(
-                _Outgoing(identity, caller, request.method, target, sent, body), deadline, on_queued
-            )
+            if token:
+                kept = await self._shared_token(target, deadline)
+                if kept is not None:
+                    return kept
+            response = await self._fetch(outgoing, deadline, on_queued, token=token)
         except QueueTimeout:
-            return Answer(
-                429, error_body(TOO_MANY_REQUESTS), JSON_TYPE, (("x-imdsd-source", "queue"),),
-                "throttled",
-            )  # fmt: skip
+            queue = (("x-imdsd-source", "queue"),)
+            return Answer(429, error_body(TOO_MANY_REQUESTS), JSON_TYPE, queue, "throttled")
         except TransportError as exc:
             reason = str(exc).replace("\r", " ").replace("\n", " ")[:200]
-            return Answer(
-                500, error_body(SERVICE_ERROR), JSON_TYPE,
-                (("x-imdsd-source", "upstream"), ("x-imdsd-error", reason)), "error",
-            )  # fmt: skip
-        if token:
-            self.tokens.put(
-                target, response.status, response.headers, response.body,
-                self.wall(),
-            )  # fmt: skip
+            failed = (("x-imdsd-source", "upstream"), ("x-imdsd-error", reason))
+            return Answer(500, error_body(SERVICE_ERROR), JSON_TYPE, failed, "error")
         content_type = response.header("content-type") or JSON_TYPE
         result = "throttled" if response.status == 429 else "forwarded"
         return Answer(
             response.status, response.body, content_type, _passed_headers(response), result
         )
+
+    async def _shared_token(self, target: str, deadline: float) -> Answer | None:
+        """A kept token for ``target``, waiting (by ``deadline``) for one being fetched;
+        None when there is none to wait for."""
+        while True:
+            kept = self.tokens.get(target, self.wall())
+            if kept is not None:
+                return _token_answer(kept.headers, kept.body)
+            fetching = self._fetching.get(target)
+            if fetching is None:
+                return None
+            if trio.current_time() >= deadline:
+                raise QueueTimeout
+            with trio.move_on_at(deadline):
+                await fetching.wait()
+
+    async def _fetch(
+        self, out: _Outgoing, deadline: float, on_queued: Callable[[], None], *, token: bool
+    ) -> UpstreamResponse:
+        """Send ``out``; a token answer is kept, and others asking for it meanwhile wait."""
+        if not token:
+            return await self._send(out, deadline, on_queued)
+        fetching = self._fetching[out.target] = trio.Event()
+        try:
+            response = await self._send(out, deadline, on_queued)
+            self.tokens.put(
+                out.target, response.status, response.headers, response.body, self.wall()
+            )
+            return response
+        finally:
+            del self._fetching[out.target]
+            fetching.set()
 
     async def _send(
         self, out: _Outgoing, deadline: float, on_queued: Callable[[], None]

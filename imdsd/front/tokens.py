@@ -75,7 +75,7 @@ class TokenCache:
         now_wall: float,
     ) -> bool:
         """Keep a ``200`` answer for ``target``; True when it was kept."""
-        if status != 200:
+        if status != 200 or self.capacity < 1:
             return False
         expiry = expires_on(body)
         if expiry is None or now_wall >= expiry - self.refresh_before:
@@ -90,7 +90,7 @@ class TokenCache:
         margin = self.refresh_before
         for key in [k for k, e in self._entries.items() if now_wall >= e.expires_on - margin]:
             del self._entries[key]
-        while len(self._entries) >= self.capacity:
+        while self._entries and len(self._entries) >= self.capacity:
             self._entries.popitem(last=False)
 
     def __len__(self) -> int:
