@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -10,6 +11,8 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from imdsd.front.forward import FairQueue, IdentityLimits
 from imdsd.front.relay import Relay
@@ -326,3 +329,27 @@ async def test_waiting_for_a_token_that_is_not_kept_asks_imds_again(
             nursery.start_soon(_send, relay, f"c{index}", TOKEN, out)
     assert len(client.calls) == 3
     assert [r for r, *_ in out] == ["forwarded"] * 3
+
+
+def _serve_all(queue: FairQueue) -> list[int]:
+    out = []
+    while (head := queue.head()) is not None:
+        out.append(head)
+        queue.remove(head)
+    return out
+
+
+@given(st.lists(st.sampled_from("abcd"), min_size=1, max_size=60))
+def test_fair_queue_serves_each_caller_in_order_and_in_turn(arrivals: list[str]) -> None:
+    queue = FairQueue()
+    owner = {queue.enqueue(caller): caller for caller in arrivals}
+    tickets = _serve_all(queue)
+    served = [owner[ticket] for ticket in tickets]
+    assert sorted(tickets) == sorted(owner)
+    for caller in set(arrivals):
+        mine = [ticket for ticket in tickets if owner[ticket] == caller]
+        assert mine == sorted(mine)  # first come, first served within a caller
+        positions = [i for i, who in enumerate(served) if who == caller]
+        for first, second in itertools.pairwise(positions):
+            between = served[first + 1 : second]
+            assert len(between) == len(set(between))  # nobody else went twice meanwhile
