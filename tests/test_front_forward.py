@@ -352,4 +352,6 @@ def test_fair_queue_serves_each_caller_in_order_and_in_turn(arrivals: list[str])
         positions = [i for i, who in enumerate(served) if who == caller]
         for first, second in itertools.pairwise(positions):
             between = served[first + 1 : second]
+            still_waiting = set(served[first + 1 :]) - {caller}
             assert len(between) == len(set(between))  # nobody else went twice meanwhile
+            assert set(between) == still_waiting  # and everyone waiting had a turn
