@@ -4,9 +4,12 @@ A delta turns one value into another and is about as large as what changed, not 
 values themselves:
 
 - ``["=", value]``: replace with ``value``;
-- ``["d", {key: delta}, [removed keys]]``: edit an object key by key;
+- ``["d", {key: delta}, [removed keys]]``: edit an object key by key (only when that keeps
+  the new key order);
 - ``["l", length, {index: delta}]``: cut or pad a list (padding is ``None``) to ``length``,
-  then edit items by index (as strings, JSON object keys).
+  then edit items by index (as strings, JSON object keys);
+- ``["s", start, end, text]``: replace ``[start:end]`` of a long string (e.g. IMDS's
+  ``compute.tags``, all tags in one string) by ``text``.
 
 :func:`make` never recurses deeper than :data:`MAX_DEPTH`; below it a value is replaced whole.
 """
@@ -15,7 +18,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import msgspec
+
 MAX_DEPTH: Final = 64
+LONG_STRING: Final = 256
+
+_encode = msgspec.json.Encoder().encode
 
 
 class DeltaError(ValueError):
@@ -26,7 +34,7 @@ def make(old: Any, new: Any, depth: int = 0) -> list[Any] | None:
     """The delta from ``old`` to ``new``, None when they are equal."""
     if _same(old, new):
         return None
-    if depth < MAX_DEPTH and isinstance(old, dict) and isinstance(new, dict):
+    if depth < MAX_DEPTH and isinstance(old, dict) and isinstance(new, dict) and _ordered(old, new):
         edits: dict[str, Any] = {}
         for key, value in new.items():
             if key not in old:
@@ -46,7 +54,27 @@ def make(old: Any, new: Any, depth: int = 0) -> list[Any] | None:
             if edit is not None:
                 items[str(index)] = edit
         return ["l", len(new), items]
+    if isinstance(old, str) and isinstance(new, str) and len(new) > LONG_STRING:
+        return _splice(old, new)
     return ["=", new]
+
+
+def _ordered(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when editing ``old`` key by key keeps ``new``'s key order (kept keys in their
+    order, added keys after them): the bytes served after a restart stay the same."""
+    kept = [key for key in old if key in new]
+    return list(new) == kept + [key for key in new if key not in old]
+
+
+def _splice(old: str, new: str) -> list[Any]:
+    limit = min(len(old), len(new))
+    start = 0
+    while start < limit and old[start] == new[start]:
+        start += 1
+    tail = 0
+    while tail < limit - start and old[-1 - tail] == new[-1 - tail]:
+        tail += 1
+    return ["s", start, len(old) - tail, new[start : len(new) - tail]]
 
 
 def apply(value: Any, delta: Any) -> Any:
@@ -75,6 +103,13 @@ def apply(value: Any, delta: Any) -> Any:
                 raise DeltaError(f"list index {index} outside 0..{length - 1}")
             result_list[index] = apply(result_list[index], edit)
         return result_list
+    if op == "s" and len(delta) == 4 and isinstance(value, str):
+        start, end, text = delta[1], delta[2], delta[3]
+        if not (isinstance(start, int) and isinstance(end, int) and isinstance(text, str)):
+            raise DeltaError("malformed string delta")
+        if not 0 <= start <= end <= len(value):
+            raise DeltaError(f"string range {start}..{end} outside 0..{len(value)}")
+        return value[:start] + text + value[end:]
     raise DeltaError(f"delta {op!r} does not fit a {type(value).__name__}")
 
 
@@ -85,5 +120,9 @@ def _whole(delta: Any) -> Any:
 
 
 def _same(old: Any, new: Any) -> bool:
-    # JSON equality: True == 1 in Python, not in JSON.
-    return type(old) is type(new) and old == new
+    """Equal as JSON, key order included (True == 1 and {a, b} == {b, a} in Python)."""
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, dict | list):
+        return bool(_encode(old) == _encode(new))
+    return bool(old == new)

@@ -312,3 +312,46 @@ async def test_a_failed_save_publishes_nothing_and_is_retried_with_backoff(
         nursery.cancel_scope.cancel()
     restarted = await start(tmp_path)
     assert (restarted.revision, color(restarted)) == (2, "red")
+
+
+# ------------------------------------------------------------------- cost of a revision
+
+
+class CountingOps(persist._FileOps):
+    """Real file operations that count the bytes written."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, fd: int, data: memoryview) -> int:
+        done = super().write(fd, data)
+        self.written += done
+        return done
+
+
+def big_document(value: str, tags: int = 2000) -> tuple[Instance, dict[str, Any]]:
+    """The golden instance document with ``tags`` tags; tag ``color`` is ``value``."""
+    doc = json.loads(DATA.read_text())
+    pairs = [("color", value), *((f"tag{i:05d}", f"value-{i}") for i in range(tags))]
+    doc["compute"]["tags"] = ";".join(f"{k}:{v}" for k, v in pairs)
+    doc["compute"]["tagsList"] = [{"name": k, "value": v} for k, v in pairs]
+    return parse_instance(json.dumps(doc).encode())
+
+
+async def test_saving_a_revision_costs_in_proportion_to_the_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One tag changing in a 2000-tag document, over and over: every revision writes about
+    what changed, however long the history and however large the document."""
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    keeper = await start(tmp_path)
+    for n in range(30):
+        await keeper.instance(*big_document(str(n)))
+    size = sum(entry.stat().st_size for entry in os.scandir(tmp_path))
+    assert size > 100_000
+    counting = CountingOps()
+    monkeypatch.setattr(persist, "_ops", counting)
+    for n in range(30, 40):
+        await keeper.instance(*big_document(str(n)))
+    assert keeper.revision == 40
+    assert counting.written / 10 < 2_000, "bytes written per revision"
