@@ -355,3 +355,23 @@ def test_fair_queue_serves_each_caller_in_order_and_in_turn(arrivals: list[str])
             still_waiting = set(served[first + 1 :]) - {caller}
             assert len(between) == len(set(between))  # nobody else went twice meanwhile
             assert set(between) == still_waiting  # and everyone waiting had a turn
+
+
+@pytest.mark.parametrize("cancel_after", [0.0, 0.001, 0.5, 1.0, 1.2, 2.5])
+async def test_cancelled_forwards_leave_nothing_behind(
+    autojump_clock: trio.testing.MockClock, cancel_after: float
+) -> None:
+    client = FakeClient(hold=True)
+    relay = _relay(client, rate=1.0, queue_timeout=10.0)
+    out: list[Any] = []
+    with trio.move_on_after(cancel_after):
+        async with trio.open_nursery() as nursery:
+            for index in range(8):
+                target = TOKEN if index % 2 else "/metadata/attested/document"
+                nursery.start_soon(_send, relay, f"c{index % 3}", target, out)
+    assert relay.waiting == 0
+    assert sorted(relay.general.free) == [f"front-{i}" for i in range(4)]
+    assert sorted(relay.identity_gate.free) == [f"identity-{i}" for i in range(5)]
+    assert relay.identity.active == 0
+    assert relay._fetching == {}
+    assert relay.budget().waiting == 0
