@@ -18,8 +18,10 @@ from daemon_support import daemon, emulator, write_config
 from emulator_support import Emulator
 
 from imdsd import httpio
+from imdsd.api.server import ListenError
 from imdsd.config import load_config
 from imdsd.daemon import Daemon
+from imdsd.front.server import open_front_listeners
 
 MD = ("Metadata", "true")
 EVENT = {"EventType": "Reboot", "EventId": "E1", "Description": "maintenance",
@@ -362,3 +364,15 @@ async def test_reload_applies_queue_timeout_and_token_cache(tmp_path: Path) -> N
         for _ in range(2):
             answer = await call(port, "GET", f"{TOKEN}&resource=https://r/", [MD])
             assert imdsd_headers(answer)["x-imdsd-source"] == "upstream"
+
+
+async def test_a_busy_listen_address_is_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(
+            ListenError, match=rf"^front.listen: cannot listen on 127.0.0.1:{port}: "
+        ):
+            await open_front_listeners(f"127.0.0.1:{port}")
+    assert await open_front_listeners("") == []
