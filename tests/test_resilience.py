@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -38,12 +40,14 @@ from resilience_support import (
     vm_rss_kib,
 )
 
+from imdsd import persist
 from imdsd.emulator.profiles import get_profile
 from imdsd.frames import ChangeFrame, OverflowFrame, StateFrame, decode_frame
 from imdsd.health import STALE_INTERVALS
 from imdsd.httpio import ClientConnection, open_unix
+from imdsd.keeper import RETRY_MAX
 from imdsd.model import Snapshot
-from imdsd.persist import load_state
+from imdsd.statelog import StateLog
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +239,7 @@ def _ready_from_disk(events: list[dict[str, Any]]) -> bool:
 
 def _persisted(directory: Path) -> Snapshot | None:
     """The snapshot in the state file of ``directory`` (read as a restart would)."""
-    return load_state(str(directory), Snapshot).state.snapshot
+    return StateLog(str(directory), Snapshot).load().state.snapshot
 
 
 async def test_sigkill_during_mutations_loses_and_repeats_nothing(tmp_path: Path) -> None:
@@ -337,8 +341,52 @@ async def test_no_revision_is_served_before_it_is_on_disk(
                 if served > before:
                     break
                 await trio.sleep(0.1)
-        on_disk = load_state(str(tmp_path / "state"), Snapshot).state.revision
+        on_disk = StateLog(str(tmp_path / "state"), Snapshot).load().state.revision
     assert on_disk >= served
+
+
+class _FullDisk(persist._FileOps):
+    """Every new file or append fails: the state directory's filesystem is full."""
+
+    def open_new(self, path: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_append(self, path: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+async def test_a_full_disk_keeps_the_last_saved_revision_and_health_says_so(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change that cannot be saved is not served; /v1/health is degraded with the reason
+    and the metrics count the failures, until a retry succeeds."""
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_inline)
+    async with running(tmp_path, instance=1.0) as run:
+        await trio.sleep(5)
+        before = run.daemon.keeper.revision
+        assert (await run.get_json("/v1/health"))["status"] == "ok"
+        monkeypatch.setattr(persist, "_ops", _FullDisk())
+        await run.emu.action(action="set_tag", name="disk", value="full")
+        await trio.sleep(10)
+        assert (await run.get_json("/v1/state"))["revision"] == before
+        assert (await run.get_json(f"/v1/events?since={before}&wait=0s"))["frames"] == []
+        health = await run.get_json("/v1/health")
+        assert health["status"] == "degraded"
+        assert "No space left on device" in health["reason"]
+        assert health["state_save"]["unsaved_revisions"] == 1
+        text = (await run.get("/metrics")).body
+        assert metric(text, "imdsd_state_save_failures_total") >= 2, "retried"
+        assert metric(text, "imdsd_state_saved") == 0
+        monkeypatch.setattr(persist, "_ops", persist._FileOps())
+        await trio.sleep(RETRY_MAX + 5)
+        state = await run.get_json("/v1/state")
+        assert state["revision"] == before + 1
+        tags = {t["name"]: t["value"] for t in state["instance"]["compute"]["tagsList"]}
+        assert tags["disk"] == "full"
+        assert (await run.get_json("/v1/health"))["status"] == "ok"
+        text = (await run.get("/metrics")).body
+        assert metric(text, "imdsd_state_saved") == 1
+        assert metric(text, "imdsd_state_last_save_timestamp_seconds") > 0
 
 
 # ---------------------------------------------------------------------------- watchers
