@@ -375,3 +375,34 @@ async def test_cancelled_forwards_leave_nothing_behind(
     assert relay.identity.active == 0
     assert relay._fetching == {}
     assert relay.budget().waiting == 0
+
+
+async def test_an_approval_goes_before_imdsds_normal_polls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = FakeClient()
+    relay = _relay(client, rate=1.0)
+    budget = relay.budget()
+    await budget.acquire()  # the slot of this second is taken
+    order: list[str] = []
+
+    async def poll() -> None:
+        await budget.acquire()
+        order.append("poll")
+
+    async def approve() -> None:
+        await relay.forward(
+            _routed(Endpoint.SCHEDULED_EVENTS, "POST"),
+            caller="agent",
+            target="/metadata/scheduledevents?api-version=2020-07-01",
+            headers=[("Metadata", "true")],
+            body=b'{"StartRequests":[]}',
+            on_queued=lambda: None,
+        )
+        order.append("approval")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        await trio.sleep(0.1)
+        nursery.start_soon(approve)
+    assert order == ["approval", "poll"]

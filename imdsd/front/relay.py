@@ -2,9 +2,10 @@
 
 A forwarded request waits in its :class:`Gate`'s fair queue (per caller, round-robin) for
 its turn and a free upstream connection (a *lane*), then for capacity: imdsd's request budget
-(shared with the pollers, at normal priority, so scheduled events go first) or, for
-``/metadata/identity``, IMDS's identity limits (20/s, 5 concurrent). If that takes longer
-than ``queue_timeout`` the caller gets IMDS's own ``429``. The request then goes upstream as
+(shared with the pollers at normal priority, so scheduled events polls go first; an approval
+of scheduled events is urgent, like imdsd's own) or, for ``/metadata/identity``, IMDS's
+identity limits (20/s, 5 concurrent). If that takes longer than ``queue_timeout`` the caller
+gets IMDS's own ``429``. The request then goes upstream as
 it came (method, target, headers, body; nothing added, no proxy) and IMDS's answer is passed
 on with ``X-Imdsd-Source: upstream``. No answer at all (IMDS unreachable, timed out) gives
 IMDS's ``500``, with ``X-Imdsd-Error`` saying why. With the token cache on, requests for a
@@ -52,6 +53,7 @@ class _Outgoing(NamedTuple):
     target: str
     headers: Sequence[tuple[str, str]]
     body: bytes
+    priority: Priority
 
 
 class QueueTimeout(Exception):
@@ -148,7 +150,9 @@ class Relay:
         token = token and target.partition("?")[0] == TOKEN_PATH
         deadline = trio.current_time() + self.queue_timeout
         sent = [(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST]
-        outgoing = _Outgoing(identity, caller, request.method, target, sent, body)
+        approval = request.endpoint is Endpoint.SCHEDULED_EVENTS and request.method == "POST"
+        priority = Priority.URGENT if approval else Priority.NORMAL
+        outgoing = _Outgoing(identity, caller, request.method, target, sent, body, priority)
         try:
             if token:
                 kept = await self._shared_token(target, deadline)
@@ -222,7 +226,7 @@ class Relay:
                     queued = True
                     on_queued()
                 with trio.move_on_at(deadline):
-                    await budget.acquire(Priority.NORMAL)
+                    await budget.acquire(out.priority)
                     started = True
                 if not started:
                     raise QueueTimeout
