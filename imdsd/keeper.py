@@ -27,7 +27,7 @@ from imdsd.frames import ChangeFrame, GoneFrame
 from imdsd.model import Instance, LoadBalancer, ScheduledEvents, Snapshot
 from imdsd.persist import PersistError
 from imdsd.statelog import StateLog
-from imdsd.store import PersistedState, SaveTicket, Store, document_appeared
+from imdsd.store import PersistedState, SaveTicket, Store, document_appeared, format_timestamp
 
 log = structlog.get_logger("imdsd.keeper")
 
@@ -150,7 +150,7 @@ class StateKeeper:
             "ok": self.save_error is None,
             "last_error": self.save_error,
             "failures": self.save_failures,
-            "last_saved_at": self.saved_at,
+            "last_saved_at": None if self.saved_at is None else format_timestamp(self.saved_at),
             "unsaved_revisions": self.store.unpublished,
         }
 
