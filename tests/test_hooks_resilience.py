@@ -16,8 +16,10 @@ from structlog.testing import capture_logs
 from test_hooks_dispatcher import Recorder, _dispatcher, running, until
 from test_hooks_support import FakeLedger, tag
 
+from imdsd.hooks import runner
 from imdsd.hooks.model import Hook
 from imdsd.hooks.schedule import HookSchedule, Outcome
+from imdsd.hooks.tree import ProcessTree
 
 
 class _FailingSpawn:
@@ -230,3 +232,33 @@ async def test_the_daemon_kills_and_reaps_what_a_hook_double_forked(tmp_path: Pa
     finished = [e for e in events if e.get("event") == "hook finished" and e["hook"] == "df"]
     swept = [e for e in events if e.get("event") == "hook leftovers killed"]
     assert finished[0].get("leftovers_killed") or swept, events
+
+
+async def test_the_wait_for_a_hook_that_survives_sigkill_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As if the process were stuck in the kernel: no signal reaches it, the wait still ends."""
+    monkeypatch.setattr(runner, "_signal_group", lambda pgid, sig: None)
+    monkeypatch.setattr(ProcessTree, "signal", lambda self, sig: 0)
+    started: list[trio.Process] = []
+    real_open = trio.lowlevel.open_process
+
+    async def remember(*args: Any, **kwargs: Any) -> trio.Process:
+        proc = await real_open(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", remember)
+    try:
+        with capture_logs() as logs, trio.fail_after(0.2 + 6 * 0.2 + 2.0):
+            result = await runner.run_hook_process(
+                ["/bin/sleep", "1000"], b"", {}, timeout=0.2, kill_grace=0.2
+            )
+        assert result.timed_out
+        [survived] = [e for e in logs if e["event"] == "hook processes survive SIGKILL"]
+        assert survived["pid"] == started[0].pid
+    finally:
+        monkeypatch.undo()
+        for proc in started:
+            proc.kill()
+            await proc.wait()

@@ -120,6 +120,10 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+_stuck: set[trio.Process] = set()
+"""Hook processes that outlived SIGKILL and the bounded wait, kept to be reaped later."""
+
+
 class _Processes:
     """A run's processes: the hook, its process group, and its whole tree (setsid escapees).
 
@@ -242,6 +246,7 @@ async def run_hook_process(
     logged; or one that escaped the tree, see :mod:`imdsd.hooks.tree`).
     """
     start = trio.current_time()
+    _stuck.difference_update([p for p in _stuck if p.returncode is not None])
     try:
         proc = await trio.lowlevel.open_process(
             argv,
@@ -295,6 +300,8 @@ async def run_hook_process(
                 )
             with trio.move_on_after(kill_grace):
                 await proc.wait()
+            if proc.returncode is None:
+                _stuck.add(proc)  # reaped by a later run, once the kernel lets it go
             processes.tree.reap()
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
