@@ -406,3 +406,24 @@ async def test_an_approval_goes_before_imdsds_normal_polls(
         await trio.sleep(0.1)
         nursery.start_soon(approve)
     assert order == ["approval", "poll"]
+
+
+@pytest.mark.parametrize("kind", [str, int])
+def test_kept_tokens_count_expires_in_down(kind: type) -> None:
+    cache = TokenCache()
+    body = msgspec.json.encode(
+        {"access_token": "t", "expires_in": kind(86399), "expires_on": str(1_086_399)}
+    )
+    cache.put(TOKEN, 200, (), body, now_wall=1_000_000)
+    kept = cache.get(TOKEN, 1_050_000)
+    assert kept is not None
+    assert msgspec.json.decode(kept.body_at(1_050_000)) == {
+        "access_token": "t",
+        "expires_in": kind(36399),
+        "expires_on": "1086399",
+    }
+    bare = TokenCache()
+    bare.put(TOKEN, 200, (), _token_body(10_000), now_wall=0)
+    kept = bare.get(TOKEN, 10)
+    assert kept is not None
+    assert kept.body_at(10) == _token_body(10_000)  # no expires_in: as IMDS sent it

@@ -178,7 +178,7 @@ class Relay:
         while True:
             kept = self.tokens.get(target, self.wall())
             if kept is not None:
-                return _token_answer(kept.headers, kept.body)
+                return _token_answer(kept.headers, kept.body_at(self.wall()))
             fetching = self._fetching.get(target)
             if fetching is None:
                 return None

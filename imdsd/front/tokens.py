@@ -3,8 +3,11 @@
 A ``200`` answer of ``/metadata/identity/oauth2/token`` is kept under its exact request
 target (path and query as sent: resource, client_id/object_id/msi_res_id, api-version) and
 served to any caller asking the same target until ``REFRESH_BEFORE`` (5 minutes) before its
-``expires_on``, the margin the Azure SDKs themselves refresh at. Answers without a readable
-``expires_on``, or expiring within the margin already, are not kept. At most ``capacity``
+``expires_on``, the margin the Azure SDKs themselves refresh at. A kept answer is served with
+its ``expires_in`` counting down (seconds left until ``expires_on``, in the type IMDS used), as
+IMDS does for the tokens it caches: clients that compute the expiry from ``expires_in`` must
+not believe an old token fresh. Answers without a readable ``expires_on``, or expiring
+within the margin already, are not kept. At most ``capacity``
 targets are kept (expired entries first, then the oldest go).
 """
 
@@ -25,6 +28,18 @@ class CachedToken:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     expires_on: float
+
+    def body_at(self, now_wall: float) -> bytes:
+        """The body with ``expires_in`` set to the seconds left at ``now_wall``."""
+        try:
+            doc = msgspec.json.decode(self.body)
+        except msgspec.DecodeError:
+            return self.body
+        if not isinstance(doc, dict) or "expires_in" not in doc:
+            return self.body
+        left = max(0, int(self.expires_on - now_wall))
+        doc["expires_in"] = str(left) if isinstance(doc["expires_in"], str) else left
+        return msgspec.json.encode(doc)
 
 
 def expires_on(body: bytes) -> float | None:
