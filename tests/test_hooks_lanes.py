@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import random
 from pathlib import Path
+from typing import Any
 
+import pytest
+import trio
+import trio.testing
 from structlog.testing import capture_logs
 from test_hooks_dispatcher import Recorder, _dispatcher, running, until
 from test_hooks_support import FakeLedger, change, tag
 
-from imdsd.frames import Change
+from imdsd.frames import Change, ChangeFrame, decode_frame
+from imdsd.hooks import dispatcher as dispatcher_module
+from imdsd.hooks.model import Hook
+from imdsd.hooks.runner import RunResult
 from imdsd.hooks.sources import scan_directory
 
 NAMES = ["10-mount", "20-format", "30-use"]
@@ -121,3 +129,76 @@ async def test_a_lane_follows_reloads(tmp_path: Path) -> None:
     runs = _runs(recorders)
     assert [n for _, _, n in runs] == [*NAMES, "10-mount", "30-use"]
     _assert_sequential(runs)
+
+
+class _FakeRuns:
+    """Stands in for the process runner: each run takes a random time and fails as scripted."""
+
+    def __init__(self, rng: random.Random, failing: dict[str, int]) -> None:
+        self.rng = rng
+        self.failing = dict(failing)
+        self.runs: list[tuple[float, float, str, ChangeFrame, bool]] = []
+
+    async def __call__(self, argv: list[str], stdin: bytes, *_: Any, **__: Any) -> RunResult:
+        name = Path(argv[0]).name
+        frame = decode_frame(stdin)
+        assert isinstance(frame, ChangeFrame)
+        start = trio.current_time()
+        await trio.sleep(self.rng.uniform(0.01, 0.5))
+        ok = self.failing.get(name, 0) == 0
+        if not ok:
+            self.failing[name] -= 1
+        self.runs.append((start, trio.current_time(), name, frame, ok))
+        return RunResult(exit_code=0 if ok else 1, timed_out=False, duration=0.1)
+
+
+@pytest.mark.parametrize("seed", range(25))
+async def test_lane_invariants_under_random_timing_and_failures(
+    seed: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Whatever the timing: runs never overlap, each pass is in lexical order, a hook that never
+    fails sees each change before the later hooks do, and every hook gets every change."""
+    rng = random.Random(seed)
+    names = [f"{10 * (i + 1)}-{rng.choice('abcdef')}" for i in range(rng.randint(2, 5))]
+    failing = {name: rng.choice([0, 0, 1, 2]) for name in names}
+    fake = _FakeRuns(rng, failing)
+    monkeypatch.setattr(dispatcher_module, "run_hook_process", fake)
+    monkeypatch.setattr(dispatcher_module, "check_hook_file", lambda path, euid: None)
+    hooks = [
+        Hook(
+            name=name,
+            kinds=frozenset({"disks"}),
+            command=(str(tmp_path / "disks.d" / name),),
+            debounce=rng.choice([0.0, 0.2, 1.0]),
+            retries=5,
+            directory_kind="disks",
+        )
+        for name in rng.sample(names, len(names))
+    ]
+    ledger = FakeLedger()
+    changes = 30
+    async with running(_dispatcher(hooks, ledger, max_parallel=rng.randint(1, 4))):
+        for i in range(changes):
+            await trio.sleep(rng.choice([0.0, 0.05, 0.3, 2.0]))
+            ledger.append(_disk(i))
+        with trio.fail_after(600):
+            while not all(ledger.delivered(n) == ledger.revision for n in names):
+                await trio.sleep(1)
+    runs = sorted(fake.runs, key=lambda r: r[0])
+    for before, after in itertools.pairwise(runs):
+        assert after[0] >= before[1], "runs of one directory overlapped"
+    first_seen: dict[str, dict[str, float]] = {n: {} for n in names}
+    for start, _, name, frame, _ in runs:
+        for c in frame.changes:
+            first_seen[name].setdefault(c.key, start)
+    everything = {f"lun:{i}" for i in range(changes)}
+    for name in names:
+        assert set(first_seen[name]) == everything, name
+    steady = [n for n in sorted(names) if not failing[n]]
+    for early, late in itertools.combinations(steady, 2):
+        assert all(first_seen[early][k] < first_seen[late][k] for k in everything), (early, late)
+    passes = 1 + sum(after[2] <= before[2] for before, after in itertools.pairwise(runs))
+    assert passes <= len(runs)

@@ -313,9 +313,11 @@ class HookDispatcher:
     async def _lane_step(self, lane: Lane) -> None:
         """Run one pass over the lane when a hook is due, else wait for the earliest one.
 
-        In a pass each due hook runs after the previous one ended, with the changes up to the
-        revision stored when the pass began (later ones go to the next pass); a failed hook
-        does not stop the pass, and is retried in a later pass once its own backoff passed.
+        A pass starts when one hook is due. Then each hook with changes up to the revision
+        stored when the pass began runs after the previous one ended, with those changes
+        (later ones go to the next pass), even if its own debounce has not elapsed; a hook
+        waiting for a retry is left out. A failed hook does not stop the pass, and is retried
+        in a later pass once its own backoff passed.
         """
         lane.wake = trio.Event()
         wait_until = math.inf
@@ -337,8 +339,9 @@ class HookDispatcher:
             if self._stopping:
                 return
             schedule = worker.schedule
-            due = schedule.delivered < target
-            if due and isinstance(schedule.next_action(trio.current_time()), Ready):
+            action = schedule.next_action(trio.current_time())
+            debouncing = isinstance(action, WaitUntil) and schedule.retry_at is None
+            if schedule.delivered < target and (isinstance(action, Ready) or debouncing):
                 await self._deliver(worker, upto=target)
             self._forget_removed(worker)
 
