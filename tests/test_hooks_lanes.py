@@ -159,8 +159,8 @@ async def test_lane_invariants_under_random_timing_and_failures(
     monkeypatch: pytest.MonkeyPatch,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Whatever the timing: runs never overlap, each pass is in lexical order, a hook that never
-    fails sees each change before the later hooks do, and every hook gets every change."""
+    """Whatever the timing: runs never overlap, a hook that never fails sees each change before
+    the later hooks of the directory do, and every hook gets every change."""
     rng = random.Random(seed)
     names = [f"{10 * (i + 1)}-{rng.choice('abcdef')}" for i in range(rng.randint(2, 5))]
     failing = {name: rng.choice([0, 0, 1, 2]) for name in names}
@@ -200,5 +200,3 @@ async def test_lane_invariants_under_random_timing_and_failures(
     steady = [n for n in sorted(names) if not failing[n]]
     for early, late in itertools.combinations(steady, 2):
         assert all(first_seen[early][k] < first_seen[late][k] for k in everything), (early, late)
-    passes = 1 + sum(after[2] <= before[2] for before, after in itertools.pairwise(runs))
-    assert passes <= len(runs)
