@@ -16,6 +16,7 @@ values themselves:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -30,9 +31,19 @@ class DeltaError(ValueError):
     """A delta that does not fit the value it is applied to."""
 
 
-def make(old: Any, new: Any, depth: int = 0) -> list[Any] | None:
-    """The delta from ``old`` to ``new``, None when they are equal."""
+def make(old: Any, new: Any) -> list[Any] | None:
+    """The delta from ``old`` to ``new``, None when they are equal as JSON."""
     if _same(old, new):
+        return None
+    edit = _make(old, new, 0)
+    if edit is None or _encode(apply(old, edit)) != _encode(new):
+        # Python's == hid a difference JSON has (1 vs true, key order): replace it whole.
+        return ["=", new]
+    return edit
+
+
+def _make(old: Any, new: Any, depth: int) -> list[Any] | None:
+    if type(old) is type(new) and old == new:  # fast; make() checks the result as JSON
         return None
     if depth < MAX_DEPTH and isinstance(old, dict) and isinstance(new, dict) and _ordered(old, new):
         edits: dict[str, Any] = {}
@@ -40,19 +51,19 @@ def make(old: Any, new: Any, depth: int = 0) -> list[Any] | None:
             if key not in old:
                 edits[key] = ["=", value]
                 continue
-            edit = make(old[key], value, depth + 1)
+            edit = _make(old[key], value, depth + 1)
             if edit is not None:
                 edits[key] = edit
         return ["d", edits, [key for key in old if key not in new]]
     if depth < MAX_DEPTH and isinstance(old, list) and isinstance(new, list):
         items: dict[str, Any] = {}
-        for index, value in enumerate(new):
-            if index >= len(old):
-                items[str(index)] = ["=", value]
-                continue
-            edit = make(old[index], value, depth + 1)
+        differ = [i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b]
+        for index in differ:
+            edit = _make(old[index], new[index], depth + 1)
             if edit is not None:
                 items[str(index)] = edit
+        for index in range(len(old), len(new)):
+            items[str(index)] = ["=", new[index]]
         return ["l", len(new), items]
     if isinstance(old, str) and isinstance(new, str) and len(new) > LONG_STRING:
         return _splice(old, new)
@@ -67,14 +78,22 @@ def _ordered(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def _splice(old: str, new: str) -> list[Any]:
-    limit = min(len(old), len(new))
-    start = 0
-    while start < limit and old[start] == new[start]:
-        start += 1
-    tail = 0
-    while tail < limit - start and old[-1 - tail] == new[-1 - tail]:
-        tail += 1
+    start = _common(lambda n: old[:n] == new[:n], min(len(old), len(new)))
+    rest = min(len(old), len(new)) - start
+    tail = _common(lambda n: old[len(old) - n :] == new[len(new) - n :], rest)
     return ["s", start, len(old) - tail, new[start : len(new) - tail]]
+
+
+def _common(same: Callable[[int], bool], limit: int) -> int:
+    """The largest ``n <= limit`` with ``same(n)`` (monotonic), by bisection."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if same(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def apply(value: Any, delta: Any) -> Any:
