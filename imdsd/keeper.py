@@ -206,6 +206,9 @@ class StateKeeper:
             ok = True
         except PersistError as exc:
             error = str(exc)
+        except Exception as exc:  # a bug must not stop the saver: logged, retried, shown
+            log.exception("state save failed unexpectedly")
+            error = f"{type(exc).__name__}: {exc}"
         finally:
             if ok:
                 self._saved(ticket)

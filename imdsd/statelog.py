@@ -183,14 +183,14 @@ class StateLog(Generic[S]):
                     self._save_whole(state)
                 else:
                     self._append(state)
-            except PersistError:
-                self._compact = True
-                raise
             except OSError as exc:
                 self._compact = True
                 raise PersistError(
                     f"cannot save state in {self.directory}: {exc.strerror or exc}"
                 ) from exc
+            except BaseException:
+                self._compact = True  # whatever is on disk now, the next save rewrites it
+                raise
 
     def _save_whole(self, state: PersistedState[S]) -> None:
         persist.save_state(self.directory, state, seq=self._seq)

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from imdsd import persist
 from imdsd.frames import ChangeFrame
-from imdsd.keeper import RETRY_FIRST, StateKeeper, load_store
+from imdsd.keeper import RETRY_FIRST, SAVE_TIMEOUT, StateKeeper, load_store
 from imdsd.model import Instance, parse_instance
 
 DATA = Path(__file__).resolve().parent / "data" / "instance-windows.json"
@@ -355,3 +355,55 @@ async def test_saving_a_revision_costs_in_proportion_to_the_change(
         await keeper.instance(*big_document(str(n)))
     assert keeper.revision == 40
     assert counting.written / 10 < 2_000, "bytes written per revision"
+
+
+async def test_a_hung_save_is_given_up_after_the_timeout_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The shielded save is bounded: a disk that never answers cannot hang a poller or the
+    shutdown; the change stays unpublished and the saver retries it."""
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    keeper = await start(tmp_path)
+    await keeper.instance(*document("blue"))
+
+    async def hung(fn: Callable[..., T], *args: Any, **_options: Any) -> T:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", hung)
+    started = trio.current_time()
+    with capture_logs():
+        await keeper.instance(*document("red"))
+        assert not await keeper.flush()
+    assert trio.current_time() - started == pytest.approx(2 * SAVE_TIMEOUT)
+    assert (keeper.revision, color(keeper), keeper.save_failures) == (1, "blue", 2)
+    assert "took over" in str(keeper.save_error)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    assert await keeper.flush()
+    assert (keeper.revision, color(keeper)) == (2, "red")
+
+
+async def test_an_unexpected_error_in_a_save_is_a_failed_save_not_a_dead_saver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    keeper = await start(tmp_path)
+    await keeper.instance(*document("blue"))
+
+    async def broken(fn: Callable[..., T], *args: Any, **_options: Any) -> T:
+        raise RecursionError("maximum recursion depth exceeded while encoding")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run_saver)
+        monkeypatch.setattr(trio.to_thread, "run_sync", broken)
+        with capture_logs() as logs:
+            await keeper.instance(*document("red"))
+            await trio.sleep(RETRY_FIRST * 1.5)
+        assert keeper.save_failures == 2, "retried by the saver"
+        assert str(keeper.save_error).startswith("RecursionError: maximum recursion")
+        assert "state save failed unexpectedly" in [log["event"] for log in logs]
+        assert (keeper.revision, color(keeper)) == (1, "blue")
+        monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+        await trio.sleep(RETRY_FIRST * 2)
+        assert (keeper.revision, color(keeper), keeper.save_error) == (2, "red", None)
+        nursery.cancel_scope.cancel()
