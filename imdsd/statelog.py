@@ -16,6 +16,7 @@ raises the revision, so a number is never reused even if the files are later los
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -71,7 +72,7 @@ def replay(
     snapshot: Any = None if state.snapshot is None else msgspec.to_builtins(state.snapshot)
     base_seq = seq
     revision, oldest = state.revision, state.oldest
-    history, hooks = list(state.history), dict(state.hooks)
+    history, hooks = collections.deque(state.history), dict(state.hooks)
     good = 0
     problem = None
     applied = False
@@ -87,7 +88,9 @@ def replay(
             problem = f"journal record after seq {seq} ignored: {exc}"
             break
         seq, revision, oldest = record.seq, record.revision, record.oldest
-        history = [f for f in [*history, *record.frames] if f.revision > oldest]
+        history.extend(record.frames)
+        while history and history[0].revision <= oldest:
+            history.popleft()
         if record.hooks is not None:
             hooks = record.hooks
         good += len(line)
@@ -97,7 +100,7 @@ def replay(
     try:
         typed = None if snapshot is None else msgspec.convert(snapshot, snapshot_type)
         result = PersistedState(
-            revision=revision, oldest=oldest, snapshot=typed, history=history, hooks=hooks
+            revision=revision, oldest=oldest, snapshot=typed, history=list(history), hooks=hooks
         )
     except (ValueError, msgspec.ValidationError) as exc:
         return state, base_seq, 0, f"journal does not fit the state file: {exc}"
