@@ -177,18 +177,6 @@ class Store(Generic[S]):
         self._published: tuple[int, S | None] = (self._revision, self._snapshot)
         self._pending: list[ChangeFrame] = []
 
-    @classmethod
-    def from_state(
-        cls,
-        state: PersistedState[S],
-        *,
-        diff: DiffFunction[S],
-        snapshot_type: type[S],
-        history: int,
-    ) -> Store[S]:
-        """Build a store continuing from ``state`` (same as passing ``state=`` to the class)."""
-        return cls(diff=diff, snapshot_type=snapshot_type, history=history, state=state)
-
     @property
     def snapshot(self) -> S | None:
         """The current (applied, maybe not yet published) snapshot, None before the first."""

@@ -62,7 +62,7 @@ def restart(store: Store[Snap], history: int = 10) -> Store[Snap]:
     """Round-trip the store's state through JSON, as a restart would."""
     data = msgspec.json.encode(store.to_state())
     state = msgspec.json.decode(data, type=PersistedState[Snap])
-    return Store.from_state(state, diff=fake_diff, snapshot_type=Snap, history=history)
+    return Store(diff=fake_diff, snapshot_type=Snap, history=history, state=state)
 
 
 def test_fresh_store_is_empty() -> None:
