@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,18 @@ def _pids(path: Path) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+@pytest.fixture
+def pidfiles() -> Iterator[list[Path]]:
+    """Files listing ``sleep 1000`` processes a test started: whatever is left is killed."""
+    files: list[Path] = []
+    yield files
+    for path in files:
+        for pid in _pids(path):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\x001000\x00":
+                    os.kill(pid, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for a reaper that never comes, as in containers, is dead)."""
     try:
@@ -137,8 +152,11 @@ def _session(pid: int) -> int:
     return int(stat[stat.rfind(b")") + 2 :].split()[3])
 
 
-async def test_children_that_call_setsid_are_killed_at_timeout(tmp_path: Path) -> None:
+async def test_children_that_call_setsid_are_killed_at_timeout(
+    tmp_path: Path, pidfiles: list[Path]
+) -> None:
     script, pids, marks = _escaper(tmp_path)
+    pidfiles.append(pids)
     ledger = FakeLedger()
     hook = Hook(name="h", kinds=frozenset({"tags"}), command=(script,), timeout=3.0, retries=0)
     escaped: list[int] = []
@@ -153,9 +171,10 @@ async def test_children_that_call_setsid_are_killed_at_timeout(tmp_path: Path) -
 
 
 async def test_shutdown_terms_then_kills_a_running_hook_and_all_its_escaped_children(
-    tmp_path: Path,
+    tmp_path: Path, pidfiles: list[Path]
 ) -> None:
     script, pids, marks = _escaper(tmp_path, on_term="sleep 1000")
+    pidfiles.append(pids)
     ledger = FakeLedger()
     hook = Hook(name="h", kinds=frozenset({"tags"}), command=(script,), timeout=60.0)
     dispatcher = _dispatcher([hook], ledger, kill_grace=0.5)
@@ -179,7 +198,8 @@ assert become_subreaper()
 pidfile = sys.argv[1]
 # a double fork: the middle process exits at once, the grandchild is orphaned
 helper = subprocess.Popen(["sleep", "1000"])  # in our session: not a hook's, spared
-subprocess.run(["/bin/sh", "-c", f"(setsid sleep 1000 & echo $! > {pidfile}) &"], check=True)
+hook = f"(setsid sleep 1000 & echo $! > {pidfile}) &"  # runs in a session of its own
+subprocess.run(["/bin/sh", "-c", hook], check=True, start_new_session=True)
 while True:  # until the grandchild is an orphan, adopted by this process
     try:
         with open(pidfile) as f:
@@ -198,8 +218,11 @@ print(found)
 """
 
 
-def test_a_subreaper_daemon_kills_leftovers_that_escaped_the_tree(tmp_path: Path) -> None:
+def test_a_subreaper_daemon_kills_leftovers_that_escaped_the_tree(
+    tmp_path: Path, pidfiles: list[Path]
+) -> None:
     pidfile = tmp_path / "pid"
+    pidfiles.append(pidfile)
     done = subprocess.run(
         [sys.executable, "-c", SUBREAPER, str(pidfile)],
         capture_output=True,
@@ -213,8 +236,11 @@ def test_a_subreaper_daemon_kills_leftovers_that_escaped_the_tree(tmp_path: Path
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped by the subreaper
 
 
-async def test_the_daemon_kills_and_reaps_what_a_hook_double_forked(tmp_path: Path) -> None:
+async def test_the_daemon_kills_and_reaps_what_a_hook_double_forked(
+    tmp_path: Path, pidfiles: list[Path]
+) -> None:
     pidfile = tmp_path / "escaped"
+    pidfiles.append(pidfile)
     hook = tmp_path / "double-fork"
     hook.write_text(f"#!/bin/sh\n(setsid sleep 1000 & echo $! > {pidfile}) &\nwait\n")
     hook.chmod(0o755)
