@@ -200,3 +200,36 @@ async def test_lane_invariants_under_random_timing_and_failures(
     steady = [n for n in sorted(names) if not failing[n]]
     for early, late in itertools.combinations(steady, 2):
         assert all(first_seen[early][k] < first_seen[late][k] for k in everything), (early, late)
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_leftovers_are_swept_only_while_no_hook_runs(
+    seed: int, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The sweep kills every hook process outside the daemon's session: a hook started just
+    before it would be killed too, so it must see no run in progress when it looks."""
+    rng = random.Random(seed)
+    fake = _FakeRuns(rng, {})
+    sweeps: list[int] = []
+
+    async def sweep(kill_grace: float) -> int:
+        sweeps.append(dispatcher._running)
+        return 0
+
+    monkeypatch.setattr(dispatcher_module, "run_hook_process", fake)
+    monkeypatch.setattr(dispatcher_module, "sweep_orphans", sweep)
+    hooks = [
+        Hook(name=n, kinds=frozenset({"tags"}), command=(n,), debounce=rng.choice([0.0, 0.1]))
+        for n in ("a", "b", "c")
+    ]
+    ledger = FakeLedger()
+    dispatcher = _dispatcher(hooks, ledger, max_parallel=3)
+    dispatcher.adopt_orphans = True
+    async with running(dispatcher):
+        for i in range(40):
+            await trio.sleep(rng.choice([0.0, 0.01, 0.1, 0.5]))
+            ledger.append(tag("added", f"k{i}", new="1"))
+        while not all(ledger.delivered(n) == ledger.revision for n in "abc"):
+            await trio.sleep(1)
+    assert sweeps
+    assert set(sweeps) == {0}

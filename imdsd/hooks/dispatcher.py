@@ -392,7 +392,8 @@ class HookDispatcher:
 
     async def _sweep(self) -> None:
         try:
-            await sweep_orphans(self._kill_grace)
+            if not self._running:  # checked in the same step sweep_orphans takes its snapshot
+                await sweep_orphans(self._kill_grace)
         finally:
             self._sweeping = False
 

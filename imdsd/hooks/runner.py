@@ -185,7 +185,8 @@ async def sweep_orphans(kill_grace: float = KILL_GRACE) -> int:
     For a daemon that is a child subreaper (:func:`imdsd.hooks.tree.become_subreaper`): while
     no hook runs, every process below it in another session than its own is something a
     hook left behind that escaped its run's tree. Its own helpers (in its session) and
-    processes started after the call are spared. Returns how many processes were found.
+    processes started after the call are spared (the snapshot is taken before the first
+    checkpoint). Returns how many processes were found.
     """
     tree = ProcessTree.below(os.getpid())
     found = len(tree.live())
