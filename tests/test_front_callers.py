@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,3 +210,41 @@ def test_sockdiag_request_and_answer() -> None:
     assert sockdiag.parse_response(bytes(error)) is None
     assert sockdiag.parse_response(b"short") is None
     assert sockdiag.lookup(("not an address", 1), ("127.0.0.1", 2)) is None
+
+
+class _SlowResolver(Resolver):
+    """Switches threads inside every ``/proc/<pid>/fd`` scan, as a loaded host does."""
+
+    def _holds(self, pid: int, link: str) -> bool:
+        time.sleep(0)
+        return super()._holds(pid, link)
+
+
+def test_concurrent_pid_lookups_share_the_recent_pids_safely(tmp_path: Path) -> None:
+    # The front resolves callers in worker threads; lookups that find a new pid change the
+    # list of recent pids while others walk it.
+    processes = 40
+    for pid in range(100, 100 + processes):
+        fd = tmp_path / str(pid) / "fd"
+        fd.mkdir(parents=True)
+        os.symlink(f"socket:[{pid * 10}]", fd / "3")
+    resolver = _SlowResolver(proc=str(tmp_path), remember=8, netlink=False)
+    errors: list[BaseException] = []
+    found: dict[int, int | None] = {}
+
+    def look_up(worker: int) -> None:
+        try:
+            for round_ in range(30):
+                pid = 100 + (worker * 7 + round_) % processes
+                found[pid] = resolver.pid_of(pid * 10)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=look_up, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(found) == processes
+    assert all(pid == expected for expected, pid in found.items())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -201,13 +202,15 @@ class CallerStats:
 
 
 class Resolver:
-    """Reads ``/proc`` to find a TCP peer's process (blocking: run it in a thread)."""
+    """Reads ``/proc`` to find a TCP peer's process (blocking: run it in threads; the
+    remembered recent pids are shared by them under a lock)."""
 
     def __init__(self, proc: str = "/proc", remember: int = 256, *, netlink: bool = True) -> None:
         self.proc = proc
         self.netlink = netlink
         self.remember = remember
         self._recent: OrderedDict[int, None] = OrderedDict()
+        self._recent_lock = threading.Lock()
         self.scans = 0
 
     def _read(self, name: str) -> str:
@@ -258,9 +261,11 @@ class Resolver:
     def pid_of(self, inode: int) -> int | None:
         """The pid of a process holding ``socket:[inode]`` (recent pids tried first)."""
         link = f"socket:[{inode}]"
-        for pid in reversed(self._recent):
+        with self._recent_lock:
+            recent = list(reversed(self._recent))
+        for pid in recent:
             if self._holds(pid, link):
-                self._recent.move_to_end(pid)
+                self._remember(pid)
                 return pid
         self.scans += 1
         try:
@@ -268,13 +273,19 @@ class Resolver:
             pids = sorted((int(n) for n in os.listdir(self.proc) if n.isdigit()), reverse=True)
         except OSError:
             return None
+        tried = set(recent)
         for pid in pids:
-            if pid not in self._recent and self._holds(pid, link):
-                self._recent[pid] = None
-                if len(self._recent) > self.remember:
-                    self._recent.popitem(last=False)
+            if pid not in tried and self._holds(pid, link):
+                self._remember(pid)
                 return pid
         return None
+
+    def _remember(self, pid: int) -> None:
+        with self._recent_lock:
+            self._recent[pid] = None
+            self._recent.move_to_end(pid)
+            if len(self._recent) > self.remember:
+                self._recent.popitem(last=False)
 
     def process(self, pid: int) -> tuple[str, int]:
         """The command (see :func:`command_name`) and effective gid of ``pid``
