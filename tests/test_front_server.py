@@ -21,6 +21,7 @@ from imdsd import httpio
 from imdsd.api.server import ListenError
 from imdsd.config import load_config
 from imdsd.daemon import Daemon
+from imdsd.front.callers import Caller, Resolver
 from imdsd.front.server import open_front_listeners
 
 MD = ("Metadata", "true")
@@ -376,3 +377,26 @@ async def test_a_busy_listen_address_is_a_clear_error() -> None:
         ):
             await open_front_listeners(f"127.0.0.1:{port}")
     assert await open_front_listeners("") == []
+
+
+class _BrokenResolver(Resolver):
+    def resolve(self, peer: Any, ours: Any, original: Any = None) -> Caller:
+        raise RuntimeError("lookup bug")
+
+
+async def test_a_failed_caller_lookup_is_an_unknown_caller_not_an_error(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        assert daemon.front is not None
+        daemon.front.resolver = _BrokenResolver()
+        port = front_port(daemon)
+        plain = await call(
+            port, "GET", "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text", [MD]
+        )
+        restricted = await call(
+            port,
+            "GET",
+            "/metadata/instance/compute/userData?api-version=2021-02-01&format=text",
+            [MD],
+        )
+    assert plain.status == 200
+    assert restricted.status == 403

@@ -162,9 +162,17 @@ class FrontServer:
         if not isinstance(conn, Connection) or conn.peer is None:
             return UNKNOWN
         if conn.caller is None:
-            conn.caller = await trio.to_thread.run_sync(
-                self.resolver.resolve, conn.peer, conn.ours, conn.original, abandon_on_cancel=True
-            )
+            try:
+                conn.caller = await trio.to_thread.run_sync(
+                    self.resolver.resolve,
+                    conn.peer,
+                    conn.ours,
+                    conn.original,
+                    abandon_on_cancel=True,
+                )
+            except Exception:  # an unknown caller is served (restricted paths refused), not 500
+                log.exception("front caller lookup failed", peer=conn.peer)
+                conn.caller = UNKNOWN
         return conn.caller
 
     async def handle(self, request: Request, responder: Responder) -> None:
