@@ -1,4 +1,6 @@
-"""Consumer library for the imdsd socket API, in a sync and a trio flavour.
+"""Consumer library for the imdsd socket API: the blocking client (standard library and msgspec
+only, so scripts and the ``imdsd get/watch/status`` commands start fast) and what the trio
+flavour (:mod:`imdsd.aclient`) shares with it.
 
 Sync::
 
@@ -9,7 +11,7 @@ Sync::
     for frame in client.watch(kinds=["tags", "disks"]):
         ...                                # StateFrame first, then ChangeFrames
 
-trio::
+trio (:mod:`imdsd.aclient`)::
 
     async with AsyncClient() as client, aclosing(client.watch(since=41)) as frames:
         async for frame in frames:
@@ -28,19 +30,15 @@ from __future__ import annotations
 
 import http.client
 import logging
-import os
 import random
 import socket
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
-from types import TracebackType
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import msgspec
-import trio
 
-from imdsd import __version__, httpio
 from imdsd.frames import (
     BookmarkFrame,
     ChangeFrame,
@@ -50,62 +48,42 @@ from imdsd.frames import (
     StateFrame,
     decode_frame,
 )
+from imdsd.socketapi import (
+    DEFAULT_SOCKET,
+    HEADERS,
+    ApiError,
+    DaemonUnreachable,
+    ImdsdError,
+    error_message,
+    read_target,
+    request,
+    socket_path,
+)
 
-DEFAULT_SOCKET = "/run/imdsd/imdsd.sock"
+__all__ = [
+    "DEFAULT_SOCKET",
+    "HEADERS",
+    "MAX_RETRY_DELAY",
+    "ApiError",
+    "Backoff",
+    "Client",
+    "DaemonUnreachable",
+    "ImdsdError",
+    "WatchCursor",
+    "decode_read",
+    "error_message",
+    "read_target",
+    "retrying",
+    "socket_path",
+    "watch_refused",
+]
+
 MAX_RETRY_DELAY = 30.0
 log = logging.getLogger("imdsd.client")
-_HEADERS = [("host", "imdsd"), ("user-agent", f"imdsd-client/{__version__}")]
 
 
-class ImdsdError(Exception):
-    """Base of the errors this library raises."""
-
-
-class DaemonUnreachable(ImdsdError):
-    """The daemon's socket could not be reached."""
-
-    def __init__(self, socket_path: str, reason: str) -> None:
-        super().__init__(f"imdsd is not reachable at {socket_path}: {reason}")
-        self.socket_path = socket_path
-
-
-class ApiError(ImdsdError):
-    """The daemon answered with an error status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
-
-
-def socket_path(explicit: str | None = None) -> str:
-    """The socket to use: ``explicit``, else ``$IMDSD_SOCKET``, else the default path."""
-    return explicit or os.environ.get("IMDSD_SOCKET") or DEFAULT_SOCKET
-
-
-def read_target(path: str, fmt: str) -> str:
-    """The request target for reading instance ``path`` (like ``compute/tags``) in ``fmt``."""
-    clean = path.strip("/")
-    if clean.startswith("metadata/"):
-        base = "/" + clean
-    else:
-        base = "/metadata/instance" + ("/" + clean if clean else "")
-    return quote(base) + "?" + urlencode({"format": fmt})
-
-
-def error_message(body: bytes) -> str:
-    """The ``error`` field of a JSON error body, or the body itself."""
-    try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return body.decode("utf-8", "replace").strip() or "(empty answer)"
-    message = decoded.get("error") if isinstance(decoded, dict) else None
-    if isinstance(message, str):
-        return message
-    return body.decode("utf-8", "replace").strip()
-
-
-def _decode_read(body: bytes, fmt: str) -> Any:
+def decode_read(body: bytes, fmt: str) -> Any:
+    """A read's body as the caller asked for it: text, or decoded JSON."""
     if fmt == "text":
         return body.decode("utf-8")
     return msgspec.json.decode(body)
@@ -214,7 +192,8 @@ def watch_refused(status: int, message: str) -> ApiError | None:
     return ApiError(status, message)
 
 
-def _retrying(socket_path: str, reason: str, delay: float) -> None:
+def retrying(socket_path: str, reason: str, delay: float) -> None:
+    """Log that a watch failed for ``reason`` and reconnects after ``delay`` seconds."""
     log.warning("imdsd watch on %s: %s; reconnecting in %.1f s", socket_path, reason, delay)
 
 
@@ -243,15 +222,7 @@ class Client:
 
     def request(self, method: str, target: str) -> tuple[int, dict[str, str], bytes]:
         """Send one request; returns status, headers (lower-case names) and body."""
-        conn = _UnixHTTPConnection(self.socket, self.timeout)
-        try:
-            conn.request(method, target, headers=dict(_HEADERS))
-            reply = conn.getresponse()
-            return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise DaemonUnreachable(self.socket, str(exc) or type(exc).__name__) from exc
-        finally:
-            conn.close()
+        return request(self.socket, method, target, self.timeout)
 
     def _ok(self, method: str, target: str) -> bytes:
         status, _, body = self.request(method, target)
@@ -261,7 +232,7 @@ class Client:
 
     def get(self, path: str = "", *, format: str = "json") -> Any:
         """Read ``path`` of the cached instance (``compute/tags``); JSON decoded, or text."""
-        return _decode_read(self._ok("GET", read_target(path, format)), format)
+        return decode_read(self._ok("GET", read_target(path, format)), format)
 
     def state(self) -> dict[str, Any]:
         """The whole current state (``/v1/state``)."""
@@ -299,7 +270,7 @@ class Client:
             conn = _UnixHTTPConnection(self.socket, read_timeout)
             reason = "the stream ended"
             try:
-                conn.request("GET", cursor.target(), headers=dict(_HEADERS))
+                conn.request("GET", cursor.target(), headers=dict(HEADERS))
                 reply = conn.getresponse()
                 if reply.status != 200:
                     message = error_message(reply.read())
@@ -318,113 +289,5 @@ class Client:
             finally:
                 conn.close()
             delay = backoff.next()
-            _retrying(self.socket, reason, delay)
+            retrying(self.socket, reason, delay)
             time.sleep(delay)
-
-
-class AsyncClient:
-    """trio client of the imdsd socket API; use as ``async with AsyncClient() as c``."""
-
-    def __init__(self, socket: str | None = None, *, timeout: float = 10.0) -> None:
-        self.socket = socket_path(socket)
-        self.timeout = timeout
-        self._conn: httpio.ClientConnection | None = None
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the kept-alive connection."""
-        if self._conn is not None:
-            await self._conn.aclose()
-            self._conn = None
-
-    async def _connect(self) -> httpio.ClientConnection:
-        try:
-            return httpio.ClientConnection(await httpio.open_unix(self.socket, self.timeout))
-        except httpio.ConnectFailed as exc:
-            raise DaemonUnreachable(self.socket, str(exc)) from exc
-
-    async def request(self, method: str, target: str) -> httpio.Response:
-        """Send one request on the kept-alive connection (reconnecting when needed)."""
-        if self._conn is None or not self._conn.reusable:
-            await self.aclose()
-            self._conn = await self._connect()
-        try:
-            return await self._conn.request(method, target, _HEADERS, timeout=self.timeout)
-        except httpio.HttpIOError as exc:
-            self._conn = None
-            raise DaemonUnreachable(self.socket, str(exc)) from exc
-
-    async def _ok(self, method: str, target: str) -> bytes:
-        response = await self.request(method, target)
-        if response.status >= 400:
-            raise ApiError(response.status, error_message(response.body))
-        return response.body
-
-    async def get(self, path: str = "", *, format: str = "json") -> Any:
-        """Read ``path`` of the cached instance; JSON decoded, or text."""
-        return _decode_read(await self._ok("GET", read_target(path, format)), format)
-
-    async def state(self) -> dict[str, Any]:
-        """The whole current state (``/v1/state``)."""
-        result: dict[str, Any] = msgspec.json.decode(await self._ok("GET", "/v1/state"))
-        return result
-
-    async def watch(
-        self,
-        since: int | None = None,
-        kinds: Iterable[str] | None = None,
-        *,
-        retry_delay: float = 1.0,
-        max_delay: float = MAX_RETRY_DELAY,
-        read_timeout: float = 60.0,
-    ) -> AsyncGenerator[Frame, None]:
-        """Yield state and change frames forever, reconnecting and resuming as needed.
-
-        Raises :class:`ApiError` when the daemon refuses the watch with a 4xx status.
-        """
-        cursor = WatchCursor(since, kinds)
-        backoff = Backoff(retry_delay, max_delay)
-        while True:
-            reason = "the stream ended"
-            try:
-                conn = await self._connect()
-            except DaemonUnreachable as exc:
-                reason = str(exc)
-            else:
-                try:
-                    head, next_line = await conn.stream_lines("GET", cursor.target(), _HEADERS)
-                    if head.status != 200:
-                        message = f"watch refused with HTTP {head.status}"
-                        error = watch_refused(head.status, message)
-                        if error is not None:
-                            raise error
-                        reason = message
-                    else:
-                        while True:
-                            with trio.fail_after(read_timeout):
-                                line = await next_line()
-                            if line is None:
-                                break
-                            frame = cursor.decode(line)
-                            if frame is not None and cursor.accept(frame):
-                                backoff.reset()
-                                yield frame
-                except trio.TooSlowError:
-                    reason = f"nothing received for {read_timeout:g} s"
-                except (httpio.HttpIOError, msgspec.DecodeError) as exc:
-                    reason = str(exc) or type(exc).__name__
-                finally:
-                    await conn.aclose()
-            delay = backoff.next()
-            _retrying(self.socket, reason, delay)
-            await trio.sleep(delay)

@@ -1,21 +1,23 @@
-"""The client commands of the CLI: ``imdsd get``, ``imdsd watch`` and ``imdsd status``."""
+"""The client commands of the CLI: ``imdsd get``, ``watch``, ``status`` and ``check-config``.
+
+``imdsd get`` is called in loops by hook scripts and shells, so this module imports only the
+standard-library socket client at the top; what ``watch``, ``status`` and ``check-config``
+need beyond it (msgspec, frames, the configuration schema) is imported when they run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from datetime import UTC, datetime
-from typing import Any, TextIO
-
-import msgspec
+from typing import TYPE_CHECKING, Any, TextIO
 
 from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, fail
-from imdsd.client import ApiError, Client, DaemonUnreachable, error_message, read_target
-from imdsd.config import ConfigError, load_config, render_toml
-from imdsd.frames import KINDS, Change, ChangeFrame, Frame, StateFrame, encode_line
-from imdsd.instance_paths import restricted_path_problems
-from imdsd.status_view import render_status
+from imdsd.configfile import ConfigError, configured_socket
+from imdsd.socketapi import ApiError, DaemonUnreachable, error_message, read_target, request
+
+if TYPE_CHECKING:
+    from imdsd.frames import Change, Frame
 
 
 class _UsageError(Exception):
@@ -28,7 +30,7 @@ def resolve_socket(args: argparse.Namespace) -> str:
         return str(args.socket)
     if os.environ.get("IMDSD_SOCKET"):
         return os.environ["IMDSD_SOCKET"]
-    return load_config(getattr(args, "config", None)).server.socket
+    return configured_socket(getattr(args, "config", None))
 
 
 def _guarded(run: Any, args: argparse.Namespace) -> int:
@@ -48,12 +50,13 @@ def _guarded(run: Any, args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    client = Client(resolve_socket(args))
-    status, _, body = client.request("GET", read_target(args.path, args.format))
+    status, _, body = request(resolve_socket(args), "GET", read_target(args.path, args.format), 10)
     if status >= 400:
         return fail(f"{args.path or 'instance'}: HTTP {status}: {error_message(body)}", 1)
     text = body.decode("utf-8")
     if args.format == "json" and sys.stdout.isatty():
+        import msgspec
+
         text = msgspec.json.format(body, indent=2).decode("utf-8")
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return EXIT_OK
@@ -65,6 +68,8 @@ def get_command(args: argparse.Namespace) -> int:
 
 
 def _short(value: Any, limit: int = 60) -> str:
+    import msgspec
+
     if value is None:
         return "-"
     text = value if isinstance(value, str) else msgspec.json.encode(value).decode("utf-8")
@@ -87,6 +92,8 @@ def describe_change(revision: int, at: str, change: Change) -> str:
 
 def write_human(frame: Frame, out: TextIO) -> None:
     """Print ``frame`` as one readable line per change (a summary line for a state frame)."""
+    from imdsd.frames import ChangeFrame, StateFrame
+
     if isinstance(frame, StateFrame):
         out.write(f"r{frame.revision} state loaded; watching for changes\n")
     elif isinstance(frame, ChangeFrame):
@@ -96,6 +103,8 @@ def write_human(frame: Frame, out: TextIO) -> None:
 
 
 def _parse_kinds(text: str | None) -> list[str] | None:
+    from imdsd.frames import KINDS
+
     if not text:
         return None
     kinds = [k.strip() for k in text.split(",") if k.strip()]
@@ -106,6 +115,9 @@ def _parse_kinds(text: str | None) -> list[str] | None:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from imdsd.client import Client
+    from imdsd.frames import encode_line
+
     kinds = _parse_kinds(args.kinds)
     client = Client(resolve_socket(args))
     client.health()  # fail fast with exit 3 when the daemon is not there at all
@@ -153,6 +165,13 @@ def format_status(health: dict[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from imdsd.client import Client
+    from imdsd.status_view import render_status
+
     health = Client(resolve_socket(args)).health()
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(health), indent=2).decode() + "\n")
@@ -174,6 +193,9 @@ def check_config_command(args: argparse.Namespace) -> int:
 
     Restricted paths that can match no instance key are warned about on stderr (exit 0).
     """
+    from imdsd.config import load_config, render_toml
+    from imdsd.instance_paths import restricted_path_problems
+
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

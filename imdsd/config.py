@@ -10,13 +10,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
-import tomllib
 import urllib.parse
 from typing import Annotated, Any
 
 import msgspec
 
-from imdsd.cli import DEFAULT_CONFIG
+from imdsd.configfile import ConfigError, parse_table, read_text
 from imdsd.configrules import (
     Bool,
     Duration,
@@ -48,15 +47,6 @@ LOG_LEVELS: dict[str, int] = {"debug": 10, "info": 20, "warning": 30, "error": 4
 """``log.level`` names and their numeric (stdlib ``logging``) levels."""
 LOG_FORMATS: tuple[str, ...] = ("auto", "console", "json")
 """``log.format`` choices; ``auto`` is console on a TTY, JSON otherwise."""
-
-
-class ConfigError(Exception):
-    """A configuration problem; ``str()`` is one line naming the file, key and value."""
-
-    def __init__(self, source: str, message: str, key: str | None = None) -> None:
-        self.source = source
-        self.key = key
-        super().__init__(f"{source}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +282,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def parse_config(text: str, source: str) -> Config:
     """Parse and validate TOML ``text``; ``source`` names the file in error messages."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, f"invalid TOML: {exc}") from None
+    data = parse_table(text, source)
     try:
         config: Config = build(Config, data, "")
     except Invalid as exc:
@@ -305,22 +292,8 @@ def parse_config(text: str, source: str) -> Config:
 
 def load_config(path: str | None) -> Config:
     """Load the configuration file ``path`` (None: the default file, defaults if it is missing)."""
-    source = DEFAULT_CONFIG if path is None else path
-    try:
-        with open(source, "rb") as file:
-            raw = file.read()
-    except FileNotFoundError:
-        if path is None:
-            return Config()
-        raise ConfigError(source, "cannot read: no such file") from None
-    except OSError as exc:
-        raise ConfigError(source, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(source, f"not valid UTF-8 (line {line})") from None
-    return parse_config(text, source)
+    source, text = read_text(path)
+    return Config() if text is None else parse_config(text, source)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ from typing import Any, BinaryIO, Final, TextIO
 
 import trio
 
+from imdsd.aclient import AsyncClient
 from imdsd.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from imdsd.client import AsyncClient, ImdsdError
+from imdsd.client import ImdsdError
 from imdsd.demo_view import Palette, Timeline, describe_step, parse_log_line, use_colour
 from imdsd.demo_workspace import Workspace, daemon_env, workspace
 from imdsd.emulator.faults import FaultError

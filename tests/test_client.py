@@ -11,7 +11,8 @@ import msgspec
 import pytest
 import trio
 
-from imdsd.client import ApiError, AsyncClient, Client, DaemonUnreachable, WatchCursor, read_target
+from imdsd.aclient import AsyncClient
+from imdsd.client import ApiError, Client, DaemonUnreachable, WatchCursor, read_target
 from imdsd.commands import describe_change, format_status, get_command, status_command
 from imdsd.frames import (
     BookmarkFrame,

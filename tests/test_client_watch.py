@@ -15,7 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from imdsd.client import ApiError, AsyncClient, Backoff, Client, WatchCursor, watch_refused
+from imdsd.aclient import AsyncClient
+from imdsd.client import ApiError, Backoff, Client, WatchCursor, watch_refused
 from imdsd.frames import Change, ChangeFrame, StateFrame, encode_line
 
 AT = "2026-11-22T00:00:00Z"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imdsd import config as config_module
+from imdsd import configfile
 from imdsd.commands import check_config_command
 from imdsd.config import (
     Config,
@@ -260,14 +260,14 @@ def test_error_value_with_newline_stays_on_one_line() -> None:
 def test_load_missing_default_file_gives_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr(configfile, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
     assert load_config(None) == Config()
 
 
 def test_load_default_file_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "imdsd.toml"
     path.write_text("[state]\nhistory = 7\n")
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", str(path))
+    monkeypatch.setattr(configfile, "DEFAULT_CONFIG", str(path))
     assert load_config(None).state.history == 7
 
 
@@ -532,7 +532,7 @@ def test_check_config_prints_effective_config(
 def test_check_config_default_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr(configfile, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
     assert check_config_command(argparse.Namespace(config=None)) == 0
     assert capsys.readouterr().out == render_toml(Config())
 

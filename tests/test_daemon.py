@@ -17,7 +17,7 @@ import trio.testing
 from daemon_support import NotifySocket, daemon, emulator, python_hook, write_config
 from emulator_support import start_emulator
 
-from imdsd.client import AsyncClient
+from imdsd.aclient import AsyncClient
 from imdsd.config import load_config
 from imdsd.daemon import Daemon
 from imdsd.frames import ChangeFrame, StateFrame, decode_frame

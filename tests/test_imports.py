@@ -1,4 +1,5 @@
-"""The sans-IO core is sans-IO at import time: importing it loads no event loop or logger.
+"""The sans-IO core is sans-IO at import time: importing it loads no event loop or logger;
+the client commands load neither, and ``imdsd get``'s path loads no heavy library either.
 
 Each module is imported in a fresh interpreter, so nothing imported by another test (or by
 another module of the list) can hide a dependency that a package ``__init__`` or a stray
@@ -20,9 +21,14 @@ CORE = (
     "imdsd.api.metrics",
     "imdsd.api.routes",
     "imdsd.changes",
+    "imdsd.client",
+    "imdsd.commands",
     "imdsd.config",
+    "imdsd.configfile",
     "imdsd.configrules",
+    "imdsd.delta",
     "imdsd.demo_view",
+    "imdsd.depth",
     "imdsd.durations",
     "imdsd.emulator.attested",
     "imdsd.emulator.control",
@@ -36,10 +42,15 @@ CORE = (
     "imdsd.filtering",
     "imdsd.frames",
     "imdsd.health",
+    "imdsd.hooks.access",
     "imdsd.hooks.merge",
     "imdsd.hooks.model",
     "imdsd.hooks.schedule",
+    "imdsd.instance_paths",
+    "imdsd.memory",
     "imdsd.model",
+    "imdsd.socketapi",
+    "imdsd.status_view",
     "imdsd.store",
     "imdsd.tomlwriter",
     "imdsd.upstream.retry",
@@ -71,6 +82,17 @@ def loaded_after_import(module: str, watched: tuple[str, ...]) -> list[str]:
 @pytest.mark.parametrize("module", CORE)
 def test_core_module_imports_no_io_library(module: str) -> None:
     assert loaded_after_import(module, IO_LIBRARIES) == []
+
+
+GET_PATH = ("imdsd.cli", "imdsd.commands", "imdsd.configfile", "imdsd.socketapi")
+HEAVY = (*IO_LIBRARIES, "msgspec", "http.client", "imdsd.config", "imdsd.client")
+
+
+@pytest.mark.parametrize("module", GET_PATH)
+def test_imdsd_get_loads_only_the_standard_library(module: str) -> None:
+    # hook scripts and shells call `imdsd get` in loops: it must start about as fast as
+    # `imdsd --version` (msgspec and http.client each cost as much as the whole CLI)
+    assert loaded_after_import(module, HEAVY) == []
 
 
 def test_the_probe_sees_io_libraries() -> None:

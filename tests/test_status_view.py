@@ -251,7 +251,7 @@ def test_status_command_uses_the_view_only_on_a_tty(
             return health()
 
     out = _Tty(tty)
-    monkeypatch.setattr(commands, "Client", FakeClient)
+    monkeypatch.setattr("imdsd.client.Client", FakeClient)
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setenv("NO_COLOR", "1")  # https://no-color.org
     args = argparse.Namespace(socket="/x.sock", config=None, json=as_json)
@@ -275,7 +275,7 @@ def test_status_on_a_tty_is_coloured_unless_no_color(monkeypatch: pytest.MonkeyP
             return health()
 
     out = _Tty(True)
-    monkeypatch.setattr(commands, "Client", FakeClient)
+    monkeypatch.setattr("imdsd.client.Client", FakeClient)
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.delenv("NO_COLOR", raising=False)
     commands.status_command(argparse.Namespace(socket="/x.sock", config=None, json=False))
