@@ -11,7 +11,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imdsd.upstream.budget import Budget, BudgetCore, Priority
+from imdsd.upstream.budget import Budget
+from imdsd.upstream.budget_core import BudgetCore, Priority
 
 
 def peak_in_window(starts: list[float], window: float = 1.0) -> int:

@@ -52,7 +52,9 @@ CORE = (
     "imdsd.socketapi",
     "imdsd.status_view",
     "imdsd.store",
+    "imdsd.timestamps",
     "imdsd.tomlwriter",
+    "imdsd.upstream.budget_core",
     "imdsd.upstream.retry",
     "imdsd.upstream.versions",
 )
