@@ -49,8 +49,8 @@ from imdsd.model import Snapshot
 from imdsd.persist import PersistError
 from imdsd.poller import run_pollers
 from imdsd.redirect_daemon import RedirectControl
-from imdsd.store import format_timestamp
 from imdsd.systemd import Notifier, SystemdError, listen_fds
+from imdsd.timestamps import format_timestamp
 from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import GaveUp, ImdsClient
 

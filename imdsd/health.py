@@ -22,8 +22,9 @@ line per change, not one per failed retry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
+
+from imdsd.timestamps import format_timestamp
 
 State = Literal["starting", "ok", "degraded", "stale"]
 FailureClass = Literal["throttled", "service", "unreachable", "rejected", "invalid", "internal"]
@@ -47,12 +48,6 @@ class Transition:
     new: State
     error: str | None
     consecutive_failures: int
-
-
-def _rfc3339(unix: float) -> str:
-    return (
-        datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
 
 
 @dataclass(slots=True)
@@ -125,7 +120,7 @@ class EndpointHealth:
         """A JSON-ready view; ``wall_now`` (unix time) turns clock times into RFC 3339."""
 
         def wall(at: float | None) -> str | None:
-            return None if at is None else _rfc3339(wall_now - (now - at))
+            return None if at is None else format_timestamp(wall_now - (now - at))
 
         age = None if self.last_success is None else round(now - self.last_success, 3)
         return {

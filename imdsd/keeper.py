@@ -27,7 +27,8 @@ from imdsd.frames import ChangeFrame, GoneFrame
 from imdsd.model import Instance, LoadBalancer, ScheduledEvents, Snapshot
 from imdsd.persist import PersistError
 from imdsd.statelog import StateLog
-from imdsd.store import PersistedState, SaveTicket, Store, document_appeared, format_timestamp
+from imdsd.store import PersistedState, SaveTicket, Store, document_appeared
+from imdsd.timestamps import format_timestamp
 
 log = structlog.get_logger("imdsd.keeper")
 

@@ -35,7 +35,8 @@ from typing import Any, Generic, TypeVar, cast
 import msgspec
 import structlog
 
-from imdsd.store import PersistedState, format_timestamp
+from imdsd.store import PersistedState
+from imdsd.timestamps import format_timestamp
 
 S = TypeVar("S", bound=msgspec.Struct)
 

@@ -35,13 +35,14 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from imdsd.frames import Change, ChangeFrame, GoneFrame
 from imdsd.model import Snapshot
+from imdsd.timestamps import format_timestamp
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -95,21 +96,6 @@ class PersistedState(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
                 raise ValueError(
                     f"hook {name!r} delivered revision {delivered} is not within 0..{self.revision}"
                 )
-
-
-def format_timestamp(now: datetime | float) -> str:
-    """RFC 3339 UTC timestamp with millisecond precision and a ``Z`` suffix.
-
-    ``now`` is a timezone-aware datetime or a unix time in seconds; naive datetimes are
-    rejected because their zone is unknown.
-    """
-    if isinstance(now, datetime):
-        if now.tzinfo is None or now.utcoffset() is None:
-            raise ValueError(f"timestamp {now.isoformat()} has no timezone")
-        moment = now.astimezone(UTC)
-    else:
-        moment = datetime.fromtimestamp(now, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)

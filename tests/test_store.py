@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imdsd.frames import Change, ChangeFrame, GoneFrame
-from imdsd.store import PersistedState, Store, format_timestamp
+from imdsd.store import PersistedState, Store
+from imdsd.timestamps import format_timestamp
 
 NOW = 1_700_000_000.0
 

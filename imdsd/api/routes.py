@@ -42,7 +42,7 @@ from imdsd.durations import parse_duration
 from imdsd.filtering import FilterError, parse_format, render, split_path
 from imdsd.filtering import resolve as resolve_path
 from imdsd.frames import KINDS
-from imdsd.store import format_timestamp
+from imdsd.timestamps import format_timestamp
 from imdsd.upstream.versions import GENERAL_VERSIONS
 
 Headers = list[tuple[bytes, bytes]]

@@ -33,7 +33,7 @@ from imdsd.api.context import Endpoint as ContextEndpoint
 from imdsd.filtering import FilterError, parse_format, render, resolve
 from imdsd.front.rules import JSON_TYPE, LOADBALANCER_MIN, Endpoint, Routed, error_body
 from imdsd.front.shaping import events_at, instance_at
-from imdsd.store import format_timestamp
+from imdsd.timestamps import format_timestamp
 from imdsd.upstream.versions import GENERAL_VERSIONS, SCHEDULED_EVENTS_VERSIONS
 
 MAX_MEMO = 1024

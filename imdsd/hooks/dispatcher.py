@@ -21,7 +21,7 @@ from imdsd.frames import KINDS, encode_line
 from imdsd.hooks.access import frame_for_hook
 from imdsd.hooks.ledger import HookLedger, WaitForRevision
 from imdsd.hooks.model import Hook
-from imdsd.hooks.report import count_run, log_run, timestamp
+from imdsd.hooks.report import count_run, log_run
 from imdsd.hooks.runner import (
     KILL_GRACE,
     OUTPUT_CAP,
@@ -43,6 +43,7 @@ from imdsd.hooks.schedule import (
 from imdsd.hooks.sources import check_hook_file
 from imdsd.hooks.stats import HookMetrics, HookStatus, LastRun
 from imdsd.hooks.workers import Lane, Worker
+from imdsd.timestamps import now_timestamp
 
 log = structlog.get_logger("imdsd.hooks")
 
@@ -428,7 +429,7 @@ class HookDispatcher:
         if verdict.result == "gave-up":
             counters.give_ups += 1
         worker.last_run = LastRun(
-            at=timestamp(),
+            at=now_timestamp(),
             result=verdict.result,
             exit_code=result.exit_code,
             duration=round(result.duration, 6),

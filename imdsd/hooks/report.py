@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import structlog
 import trio
 
@@ -13,11 +11,6 @@ from imdsd.hooks.schedule import Delivery, Outcome, Verdict
 from imdsd.hooks.stats import HookCounters
 
 log = structlog.get_logger("imdsd.hooks")
-
-
-def timestamp() -> str:
-    """Now, as RFC 3339 UTC with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def count_run(counters: HookCounters, result: RunResult) -> Outcome:
