@@ -25,7 +25,7 @@ import trio
 from imdsd import __version__
 from imdsd.api.context import Endpoint, Freshness
 from imdsd.api.metrics import Metrics
-from imdsd.api.server import ApiServer, ListenError, open_listeners
+from imdsd.api.server import ApiServer, open_listeners
 from imdsd.broadcast import Subscription
 from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail
 from imdsd.config import Config, ConfigError, ServerConfig, load_config
@@ -39,12 +39,13 @@ from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
 from imdsd.hooks.tree import become_subreaper
 from imdsd.httpio import ClientConnection, HttpIOError, open_unix
+from imdsd.httpio.listeners import ListenError
 from imdsd.instance_paths import restricted_path_problems
 from imdsd.keeper import StateKeeper
 from imdsd.logs import configure_logging
 from imdsd.metrics_server import FD_NAME as METRICS_FD_NAME
 from imdsd.metrics_server import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
-from imdsd.metrics_server import MetricsServer, addresses, open_metrics_listeners
+from imdsd.metrics_server import MetricsServer, open_metrics_listeners
 from imdsd.model import Snapshot
 from imdsd.persist import PersistError
 from imdsd.poller import run_pollers
@@ -262,9 +263,10 @@ class Daemon:
             await nursery.start(self._run_api, listeners, api_scope)
             if metrics_listeners:
                 await nursery.start(self.metrics_server.serve, metrics_listeners)
-                log.info("metrics listening", addresses=addresses(metrics_listeners))
+                log.info("metrics listening", addresses=self.metrics_server.listening)
             if self.front is not None and front_listeners:
                 await nursery.start(self.front.serve, front_listeners)
+                log.info("front listening", addresses=self.front.listening)
             await nursery.start(self.hooks.run)
             nursery.start_soon(self._run_pollers)
             if await self._ready_or_stopped():

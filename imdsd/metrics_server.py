@@ -16,8 +16,8 @@ import msgspec
 import trio
 
 from imdsd.api.metrics import CONTENT_TYPE, Metrics
-from imdsd.api.server import ListenError, adopt
 from imdsd.httpio import HttpServer, Request, Responder, ServerLimits
+from imdsd.httpio.listeners import HttpService, open_tcp_setting
 
 FD_NAME: Final = "metrics"
 PATH: Final = "/metrics"
@@ -29,37 +29,21 @@ _JSON: Final = b"application/json"
 _ALLOW: Final = (b"allow", b"GET, HEAD")
 
 
-def split_address(listen: str) -> tuple[str, int]:
-    """``("127.0.0.1", 9469)`` for ``"127.0.0.1:9469"``; brackets dropped from ``[::1]:9469``."""
-    host, _, port = listen.rpartition(":")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
 async def open_metrics_listeners(
     listen: str, inherited: Sequence[socket.socket] = ()
 ) -> list[trio.SocketListener]:
     """The inherited ``metrics`` sockets if any, else ``listen`` bound (``""``: none).
 
-    Raises :class:`imdsd.api.server.ListenError` with a one-line message.
+    Raises :class:`imdsd.httpio.listeners.ListenError` with a one-line message.
     """
-    if inherited:
-        return adopt(inherited)
-    if not listen:
-        return []
-    host, port = split_address(listen)
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise ListenError(
-            f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"
-        ) from None
+    return await open_tcp_setting("metrics.listen", listen, inherited)
 
 
 def _error(message: str) -> bytes:
     return msgspec.json.encode({"error": message})
 
 
-class MetricsServer:
+class MetricsServer(HttpService):
     """Answers Prometheus scrapes with ``metrics.render()``."""
 
     def __init__(self, metrics: Metrics, *, max_connections: int = MAX_CONNECTIONS) -> None:
@@ -75,26 +59,3 @@ class MetricsServer:
             await responder.send(405, [(b"content-type", _JSON), _ALLOW], body)
         else:
             await responder.send(200, [(b"content-type", CONTENT_TYPE)], self.metrics.render())
-
-    async def serve(
-        self,
-        listeners: Sequence[trio.SocketListener],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve until cancelled; ``started`` once accepting."""
-        await self.http.serve(listeners, task_status=task_status)
-
-
-def addresses(listeners: Sequence[trio.SocketListener]) -> list[str]:
-    """``host:port`` of each listener (for the log)."""
-    out = []
-    for listener in listeners:
-        name = listener.socket.getsockname()
-        if listener.socket.family == socket.AF_INET6:
-            out.append(f"[{name[0]}]:{name[1]}")
-        elif isinstance(name, tuple):
-            out.append(f"{name[0]}:{name[1]}")
-        else:
-            out.append(str(name))
-    return out

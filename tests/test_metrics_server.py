@@ -15,7 +15,8 @@ from daemon_support import daemon, emulator, write_config
 from imdsd.api.metrics import CONTENT_TYPE, Metrics
 from imdsd.api.server import ListenError
 from imdsd.httpio import ClientConnection, Response, open_tcp
-from imdsd.metrics_server import MetricsServer, open_metrics_listeners, split_address
+from imdsd.httpio.listeners import split_address
+from imdsd.metrics_server import MetricsServer, open_metrics_listeners
 
 
 async def request(port: int, method: str, target: str, host: str = "127.0.0.1") -> Response:

@@ -31,26 +31,19 @@ from imdsd.api.routes import ApproveCall, EventsCall, Reply, Router, WatchCall, 
 from imdsd.api.watch import JSON_HEADERS, NDJSON_HEADERS, Watchers
 from imdsd.config import ServerConfig
 from imdsd.frames import ChangeFrame
-from imdsd.httpio import (
-    HttpServer,
-    Request,
-    Responder,
-    ServerLimits,
-    listener_from_socket,
-    unix_listener,
-)
+from imdsd.httpio import HttpServer, Request, Responder, ServerLimits, unix_listener
+from imdsd.httpio import listeners as _listeners
+from imdsd.httpio.listeners import HttpService, adopt
 
 log = structlog.get_logger("imdsd.api")
+
+ListenError = _listeners.ListenError  # what open_listeners raises, under its usual name
 
 DEFAULT_LIMITS = ServerLimits(
     max_head=16384, max_body=8192, idle_timeout=60.0, request_timeout=10.0, drain_timeout=1.0
 )
 APPROVE_TIMEOUT = 60.0
 _PEERCRED = struct.Struct("iII")
-
-
-class ListenError(Exception):
-    """The API socket could not be set up; the message names the socket and the cause."""
 
 
 def peer_credentials(stream: trio.abc.Stream) -> Peer | None:
@@ -122,20 +115,6 @@ def bind_unix(config: ServerConfig) -> trio.SocketListener:
     return listener
 
 
-def adopt(sockets: Sequence[socket.socket]) -> list[trio.SocketListener]:
-    """Wrap inherited listening stream sockets (systemd socket activation)."""
-    listeners = []
-    for sock in sockets:
-        try:
-            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        except OSError as exc:
-            raise ListenError(f"inherited fd {sock.fileno()} is not usable: {exc}") from None
-        if sock.type != socket.SOCK_STREAM or not listening:
-            raise ListenError(f"inherited fd {sock.fileno()} is not a listening stream socket")
-        listeners.append(listener_from_socket(sock))
-    return listeners
-
-
 def open_listeners(
     config: ServerConfig, inherited: Sequence[socket.socket] = ()
 ) -> list[trio.SocketListener]:
@@ -154,7 +133,7 @@ def _upstream_body(body: bytes) -> Any:
     return body[:2000].decode("utf-8", "replace")
 
 
-class ApiServer:
+class ApiServer(HttpService):
     """The local API: routes, watch streams, long polls and approvals over HTTP/1.1.
 
     ``metrics`` is the daemon's shared registry (its watcher, connection and revision gauges
@@ -219,15 +198,6 @@ class ApiServer:
 
     def _live(self) -> dict[str, int]:
         return {"watchers": self.watchers.active, "connections": self.http.active}
-
-    async def serve(
-        self,
-        listeners: Sequence[trio.SocketListener],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve until cancelled; ``started`` once accepting (use with ``nursery.start``)."""
-        await self.http.serve(listeners, task_status=task_status)
 
     async def handle(self, request: Request, responder: Responder) -> None:
         """Answer one request (the :class:`imdsd.httpio.HttpServer` handler).

@@ -20,14 +20,13 @@ import trio
 from imdsd.api.access import AccessPolicy, Peer
 from imdsd.api.context import ApiContext
 from imdsd.api.metrics import Metrics
-from imdsd.api.server import ListenError, adopt
 from imdsd.config import FrontConfig
 from imdsd.front.cache import Answer, CacheAnswers, redact_forwarded
 from imdsd.front.callers import UNKNOWN, Address, Caller, CallerStats, Resolver
 from imdsd.front.relay import Relay
 from imdsd.front.rules import Refusal, check, origin_form
 from imdsd.httpio import HttpServer, Request, Responder, ServerLimits
-from imdsd.metrics_server import addresses, split_address
+from imdsd.httpio.listeners import HttpService, open_tcp_setting
 from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import ImdsClient
 
@@ -54,18 +53,9 @@ async def open_front_listeners(
 ) -> list[trio.SocketListener]:
     """The inherited ``front`` sockets if any, else ``listen`` bound (``""``: none).
 
-    Raises :class:`imdsd.api.server.ListenError` with a one-line message.
+    Raises :class:`imdsd.httpio.listeners.ListenError` with a one-line message.
     """
-    if inherited:
-        return adopt(inherited)
-    if not listen:
-        return []
-    host, port = split_address(listen)
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise ListenError(f"front.listen: cannot listen on {listen}: {reason}") from None
+    return await open_tcp_setting("front.listen", listen, inherited)
 
 
 class Connection:
@@ -111,7 +101,7 @@ def _address(name: Any) -> Address | None:
     return None
 
 
-class FrontServer:
+class FrontServer(HttpService):
     """The front: ``handle`` answers one request; ``serve`` runs the listener."""
 
     def __init__(
@@ -138,7 +128,6 @@ class FrontServer:
         self.http = HttpServer(
             self.handle, LIMITS, max_connections=MAX_CONNECTIONS, peer_info=Connection
         )
-        self.listening: list[str] = []
         metrics.front_waiting.track(lambda: self.relay.waiting)
 
     def reconfigure(self, config: FrontConfig) -> None:
@@ -146,17 +135,6 @@ class FrontServer:
         self.config = config
         self.relay.queue_timeout = config.queue_timeout
         self.relay.token_cache = config.token_cache
-
-    async def serve(
-        self,
-        listeners: Sequence[trio.SocketListener],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve until cancelled; ``started`` once accepting."""
-        self.listening = addresses(listeners)
-        log.info("front listening", addresses=self.listening)
-        await self.http.serve(listeners, task_status=task_status)
 
     async def _caller(self, conn: Any) -> Caller:
         if not isinstance(conn, Connection) or conn.peer is None:
