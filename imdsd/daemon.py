@@ -34,7 +34,7 @@ from imdsd.frames import ChangeFrame, GoneFrame
 from imdsd.front.server import FD_NAME as FRONT_FD_NAME
 from imdsd.front.server import MAX_CONNECTIONS as FRONT_MAX_CONNECTIONS
 from imdsd.front.server import FrontServer, open_front_listeners
-from imdsd.health import HealthBoard
+from imdsd.health import HealthBoard, daemon_status
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
 from imdsd.hooks.tree import become_subreaper
@@ -210,9 +210,13 @@ class Daemon:
         """The ``/v1/health`` and ``imdsd status`` document."""
         now = trio.current_time()
         doc = self.board.to_json(now, time.time())
-        if self.keeper.snapshot is not None and doc["status"] == "starting":
-            doc["status"] = "degraded"  # serving persisted state, upstream not reached yet
+        status, reason = daemon_status(
+            doc["status"],
+            serving_state=self.keeper.snapshot is not None,
+            save_error=self.keeper.save_error,
+        )
         doc.update(
+            status=status,
             version=__version__,
             revision=self.keeper.revision,
             oldest=self.keeper.store.oldest,
@@ -225,9 +229,8 @@ class Daemon:
             hooks={s.name: msgspec.to_builtins(s) for s in self.hooks.status()},
         )
         doc.update(self.client.status())
-        if self.keeper.save_error is not None and doc["status"] == "ok":
-            doc["status"] = "degraded"  # serving the last revision that is on disk
-            doc["reason"] = f"state not saved: {self.keeper.save_error}"
+        if reason is not None:
+            doc["reason"] = reason
         if self.front is not None:
             doc.update(front=self.front.status(), callers=self.front.callers())
             doc.update(redirect=self.redirect.status())

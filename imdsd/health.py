@@ -27,6 +27,7 @@ from typing import Any, Literal
 from imdsd.timestamps import format_timestamp
 
 State = Literal["starting", "ok", "degraded", "stale"]
+Status = Literal["starting", "ok", "degraded"]
 FailureClass = Literal["throttled", "service", "unreachable", "rejected", "invalid", "internal"]
 FAILURE_CLASSES: tuple[FailureClass, ...] = (
     "throttled",
@@ -165,7 +166,7 @@ class HealthBoard:
         changes = [health.check(now) for health in self.endpoints.values()]
         return [change for change in changes if change is not None]
 
-    def status(self, now: float) -> Literal["starting", "ok", "degraded"]:
+    def status(self, now: float) -> Status:
         """``starting`` until the instance document was fetched once, then ``ok`` when every
         endpoint is ok, else ``degraded``."""
         instance = self.endpoints.get("instance")
@@ -182,3 +183,19 @@ class HealthBoard:
                 name: health.to_json(now, wall_now) for name, health in self.endpoints.items()
             },
         }
+
+
+def daemon_status(
+    upstream: Status, *, serving_state: bool, save_error: str | None
+) -> tuple[Status, str | None]:
+    """The daemon's status, and the reason when it is not the ``upstream`` status.
+
+    Serving a persisted snapshot before upstream answered (``serving_state``) is ``degraded``,
+    not ``starting``; ``ok`` upstream is ``degraded`` while the state cannot be saved (then
+    the last revision on disk is what a restart would serve).
+    """
+    if serving_state and upstream == "starting":
+        return "degraded", None
+    if save_error is not None and upstream == "ok":
+        return "degraded", f"state not saved: {save_error}"
+    return upstream, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imdsd.health import EndpointHealth, HealthBoard, Transition
+from imdsd.health import EndpointHealth, HealthBoard, Status, Transition, daemon_status
 
 
 def fresh(interval: float = 10.0, grace: float = 0.0) -> EndpointHealth:
@@ -124,3 +124,23 @@ def test_board_status_and_time_driven_transitions() -> None:
     assert view["status"] == "degraded"
     assert set(view["upstream"]) == {"instance", "scheduled_events"}
     assert view["upstream"]["scheduled_events"]["state"] == "stale"
+
+
+@pytest.mark.parametrize(
+    ("upstream", "serving_state", "save_error", "expected"),
+    [
+        ("starting", False, None, ("starting", None)),
+        ("starting", True, None, ("degraded", None)),  # persisted state served, upstream not yet
+        ("starting", True, "disk full", ("degraded", None)),
+        ("starting", False, "disk full", ("starting", None)),
+        ("ok", True, None, ("ok", None)),
+        ("ok", True, "disk full", ("degraded", "state not saved: disk full")),
+        ("ok", False, "disk full", ("degraded", "state not saved: disk full")),
+        ("degraded", True, None, ("degraded", None)),
+        ("degraded", True, "disk full", ("degraded", None)),
+    ],
+)
+def test_daemon_status_table(
+    upstream: Status, serving_state: bool, save_error: str | None, expected: tuple[str, str | None]
+) -> None:
+    assert daemon_status(upstream, serving_state=serving_state, save_error=save_error) == expected
