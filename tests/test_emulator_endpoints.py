@@ -10,9 +10,10 @@ import pytest
 
 from imdsd.emulator.control import Control, is_control_path
 from imdsd.emulator.endpoints import Answer, answer_imds
+from imdsd.emulator.events import rfc1123
 from imdsd.emulator.profiles import AZURE, AZURESTACK, Profile
 from imdsd.emulator.rules import RequestRules
-from imdsd.emulator.state import VMState, rfc1123
+from imdsd.emulator.state import VMState
 from imdsd.model import decode_loadbalancer, decode_scheduled_events, decode_versions
 
 MD = [("Metadata", "true")]

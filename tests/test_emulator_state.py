@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imdsd.emulator.events import rfc1123
 from imdsd.emulator.profiles import AZURE
-from imdsd.emulator.state import StateError, VMState, merge_patch, normalize_mac, rfc1123
+from imdsd.emulator.state import StateError, VMState, merge_patch, normalize_mac
 from imdsd.model import decode_instance, decode_scheduled_events
 
 DATA = Path(__file__).parent / "data"

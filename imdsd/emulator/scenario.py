@@ -289,7 +289,7 @@ def demo_scenario() -> Scenario:
 def dry_run(scenario: Scenario, state: VMState, *, now_wall: float = 0.0) -> None:
     """Play every step on a copy of ``state``; ScenarioError names the first failing step."""
     trial = VMState(copy.deepcopy(state.instance), state.loadbalancer)
-    trial.events = copy.deepcopy(state.events)
+    trial.scheduled.events = copy.deepcopy(state.events)
     for step in scenario.steps:
         try:
             apply_action(trial, step.action, step.params, now_wall=now_wall + step.at)

@@ -1,8 +1,9 @@
-"""The emulated VM (sans-IO): instance document, scheduled events, load balancer, faults, stats.
+"""The emulated VM (sans-IO): its instance and load balancer documents, and what it holds.
 
-Every operation validates its input and raises :class:`StateError` (with an HTTP ``status``:
-400 bad input, 404 unknown thing, 409 conflict) naming what is wrong. Operations that need a
-wall-clock date (NotBefore of a new event) take it as an argument; nothing here reads a clock.
+:class:`VMState` edits the instance document (tags, data disks, NICs, merge patches) and
+holds the VM's scheduled events (:mod:`imdsd.emulator.events`), faults, stats and managed
+identities. Every operation validates its input and raises :class:`StateError` (with an HTTP
+``status``: 400 bad input, 404 unknown thing, 409 conflict) naming what is wrong.
 
 Invariants kept by the operations (not by :meth:`VMState.replace_instance`, which stores any
 JSON object as given so tests can serve invalid documents):
@@ -12,7 +13,6 @@ JSON object as given so tests can serve invalid documents):
   that sets or removes only one of them has the other follow (a patch giving both is kept).
 - data disks are unique by ``lun``; NICs are unique by ``macAddress`` (upper-case hex, no
   separators, as IMDS writes it); every primitive written is a string, as in IMDS.
-- ``DocumentIncarnation`` grows by one on every change of the events list.
 """
 
 from __future__ import annotations
@@ -20,27 +20,18 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
+from imdsd.emulator.checks import StateError, json_kind, text
+from imdsd.emulator.events import ScheduledEvents
 from imdsd.emulator.faults import FaultQueue
 from imdsd.emulator.identity import Identities
 from imdsd.emulator.stats import Stats
 
-EVENT_TYPES = ("Reboot", "Redeploy", "Freeze", "Preempt", "Terminate")
-EVENT_SOURCES = ("Platform", "User")
-# Minimum notice per event type, from the Scheduled Events docs (Terminate: 5 to 15 minutes).
-EVENT_NOTICE = {"Freeze": 900, "Reboot": 900, "Redeploy": 600, "Preempt": 30, "Terminate": 300}
+__all__ = ["MAX_LUN", "StateError", "VMState", "merge_patch", "normalize_mac"]
+
 MAX_LUN = 63
 _MAC = re.compile(r"^[0-9A-F]{12}$")
-
-
-class StateError(ValueError):
-    """An operation on the emulated VM was refused; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -66,11 +57,6 @@ def normalize_mac(mac: Any) -> str:
     return cleaned
 
 
-def rfc1123(epoch: float) -> str:
-    """An RFC 1123 date like ``Mon, 11 Apr 2022 22:26:58 GMT`` (Scheduled Events NotBefore)."""
-    return formatdate(epoch, usegmt=True)
-
-
 def _lun(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LUN:
         raise StateError(f"lun must be an integer from 0 to {MAX_LUN}, got {value!r}")
@@ -80,13 +66,6 @@ def _lun(value: Any) -> int:
 def _size_gb(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
         raise StateError(f"size_gb must be an integer from 1 to 65536, got {value!r}")
-    return value
-
-
-def _text(value: Any, what: str, *, empty: bool = False) -> str:
-    if not isinstance(value, str) or (not empty and not value):
-        kind = "a string" if empty else "a non-empty string"
-        raise StateError(f"{what} must be {kind}, got {value!r}")
     return value
 
 
@@ -102,8 +81,7 @@ class VMState:
     ) -> None:
         self.instance: dict[str, Any] = copy.deepcopy(instance)
         self.loadbalancer: dict[str, Any] | None = copy.deepcopy(loadbalancer)
-        self.events: list[dict[str, Any]] = []
-        self.incarnation = incarnation
+        self.scheduled = ScheduledEvents(incarnation)
         self.faults = FaultQueue()
         self.stats = Stats()
         compute = self.instance.get("compute")
@@ -116,13 +94,15 @@ class VMState:
     def replace_instance(self, document: Any) -> None:
         """Replace the instance document with any JSON object (PUT /_emulator/instance)."""
         if not isinstance(document, dict):
-            raise StateError(f"the instance document must be an object, got {_kind(document)}")
+            raise StateError(f"the instance document must be an object, got {json_kind(document)}")
         self.instance = copy.deepcopy(document)
 
     def patch_instance(self, patch: Any) -> None:
         """Apply an RFC 7396 merge patch to the instance (PATCH /_emulator/instance)."""
         if not isinstance(patch, dict):
-            raise StateError(f"a merge patch of the instance must be an object, got {_kind(patch)}")
+            raise StateError(
+                f"a merge patch of the instance must be an object, got {json_kind(patch)}"
+            )
         self.instance = merge_patch(self.instance, patch)
         self._sync_tags(patch.get("compute"))
 
@@ -147,7 +127,7 @@ class VMState:
     def set_loadbalancer(self, document: Any) -> None:
         """Replace the load balancer document; None means no Standard LB (404)."""
         if document is not None and not isinstance(document, dict):
-            kind = _kind(document)
+            kind = json_kind(document)
             raise StateError(f"the loadbalancer document must be an object or null, got {kind}")
         self.loadbalancer = copy.deepcopy(document)
 
@@ -189,8 +169,8 @@ class VMState:
 
     def set_tag(self, name: Any, value: Any) -> None:
         """Add tag ``name`` or change its value (kept in place)."""
-        name = _text(name, "tag name")
-        value = _text(value, "tag value", empty=True)
+        name = text(name, "tag name")
+        value = text(value, "tag value", empty=True)
         pairs = self.tags()
         for index, (existing, _) in enumerate(pairs):
             if existing == name:
@@ -202,7 +182,7 @@ class VMState:
 
     def remove_tag(self, name: Any) -> None:
         """Remove tag ``name``; 404 when there is no such tag."""
-        name = _text(name, "tag name")
+        name = text(name, "tag name")
         pairs = self.tags()
         kept = [pair for pair in pairs if pair[0] != name]
         if len(kept) == len(pairs):
@@ -233,7 +213,7 @@ class VMState:
         compute = self._compute()
         if name is None:
             name = f"{compute.get('name', 'vm')}_datadisk_{lun}"
-        name = _text(name, "disk name")
+        name = text(name, "disk name")
         disk_id = (
             f"/subscriptions/{compute.get('subscriptionId', '')}/resourceGroups/"
             f"{compute.get('resourceGroupName', '')}/providers/Microsoft.Compute/disks/{name}"
@@ -290,10 +270,10 @@ class VMState:
         if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix <= 32:
             raise StateError(f"prefix must be an integer from 0 to 32, got {prefix!r}")
         try:
-            address = ipaddress.IPv4Address(_text(private_ip, "private_ip"))
+            address = ipaddress.IPv4Address(text(private_ip, "private_ip"))
         except ipaddress.AddressValueError:
             raise StateError(f"private_ip {private_ip!r} is not an IPv4 address") from None
-        public_ip = _text(public_ip, "public_ip", empty=True)
+        public_ip = text(public_ip, "public_ip", empty=True)
         nics = self._nics()
         if any(isinstance(n, dict) and str(n.get("macAddress", "")).upper() == mac for n in nics):
             raise StateError(f"a NIC with mac {mac} already exists", 409)
@@ -330,115 +310,46 @@ class VMState:
 
     # ------------------------------------------------------------------ scheduled events
 
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The scheduled events, in order (see :class:`ScheduledEvents`)."""
+        return self.scheduled.events
+
+    @property
+    def incarnation(self) -> int:
+        """The scheduled events document's ``DocumentIncarnation``."""
+        return self.scheduled.incarnation
+
     def scheduled_events(self) -> dict[str, Any]:
         """The ``/metadata/scheduledevents`` document (a copy)."""
-        return {"DocumentIncarnation": self.incarnation, "Events": copy.deepcopy(self.events)}
-
-    def _event(self, event_id: str) -> dict[str, Any]:
-        for event in self.events:
-            if event["EventId"] == event_id:
-                return event
-        raise StateError(f"no scheduled event {event_id!r}", 404)
+        return self.scheduled.document()
 
     def add_event(
-        self,
-        event_id: Any,
-        event_type: Any,
-        *,
-        now_wall: float,
-        not_before: Any = None,
-        resources: Any = None,
-        description: Any = "",
-        source: Any = "Platform",
-        duration: Any = -1,
-        status: Any = "Scheduled",
+        self, event_id: Any, event_type: Any, *, now_wall: float, **details: Any
     ) -> dict[str, Any]:
-        """Announce an event; NotBefore defaults to ``now_wall`` plus the type's notice."""
-        event_id = _text(event_id, "event id")
-        if event_type not in EVENT_TYPES:
-            known = ", ".join(EVENT_TYPES)
-            raise StateError(f"event type must be one of {known}, got {event_type!r}")
-        if source not in EVENT_SOURCES:
-            known = ", ".join(EVENT_SOURCES)
-            raise StateError(f"event source must be one of {known}, got {source!r}")
-        if status not in ("Scheduled", "Started"):
-            raise StateError(f"event status must be Scheduled or Started, got {status!r}")
-        if isinstance(duration, bool) or not isinstance(duration, int) or duration < -1:
-            raise StateError(f"duration must be an integer >= -1, got {duration!r}")
-        description = _text(description, "description", empty=True)
-        if resources is None:
-            resources = [str(self._compute().get("name", ""))]
-        if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
-            raise StateError(f"resources must be a list of strings, got {resources!r}")
-        if not_before is None:
-            not_before = "" if status == "Started" else rfc1123(now_wall + EVENT_NOTICE[event_type])
-        not_before = _text(not_before, "not_before", empty=True)
-        if any(e["EventId"] == event_id for e in self.events):
-            raise StateError(f"scheduled event {event_id!r} already exists", 409)
-        event = {
-            "EventId": event_id,
-            "EventStatus": status,
-            "EventType": event_type,
-            "ResourceType": "VirtualMachine",
-            "Resources": list(resources),
-            "NotBefore": not_before,
-            "Description": description,
-            "EventSource": source,
-            "DurationInSeconds": duration,
-        }
-        self.events.append(event)
-        self.incarnation += 1
-        return copy.deepcopy(event)
+        """Announce an event (see :meth:`ScheduledEvents.add`); Resources defaults to the VM."""
+        return self.scheduled.add(
+            event_id, event_type, now_wall=now_wall, vm_name=self._vm_name, **details
+        )
+
+    def _vm_name(self) -> str:
+        return str(self._compute().get("name", ""))
 
     def start_event(self, event_id: Any) -> bool:
         """Start an event (Started, NotBefore ""); False if it had already started."""
-        event = self._event(_text(event_id, "event id"))
-        if event["EventStatus"] == "Started":
-            return False
-        event["EventStatus"] = "Started"
-        event["NotBefore"] = ""
-        self.incarnation += 1
-        return True
+        return self.scheduled.start(event_id)
 
     def remove_event(self, event_id: Any) -> None:
         """Remove an event: it finished or was cancelled (404 if unknown)."""
-        event = self._event(_text(event_id, "event id"))
-        self.events.remove(event)
-        self.incarnation += 1
+        self.scheduled.remove(event_id)
 
     def approve(self, body: Any) -> list[str]:
-        """Apply ``{"StartRequests": [{"EventId": ...}]}`` (POST /metadata/scheduledevents).
-
-        Every listed event must exist (else 400, nothing started); returns the started ids.
-        """
-        requests = body.get("StartRequests") if isinstance(body, dict) else None
-        if not isinstance(requests, list) or not requests:
-            raise StateError('the body must be {"StartRequests": [{"EventId": "..."}]}')
-        ids: list[str] = []
-        for item in requests:
-            event_id = item.get("EventId") if isinstance(item, dict) else None
-            if not isinstance(event_id, str):
-                raise StateError(f"each StartRequests entry needs an EventId string, got {item!r}")
-            if not any(e["EventId"] == event_id for e in self.events):
-                raise StateError(f"unknown EventId {event_id!r}")
-            ids.append(event_id)
-        return [event_id for event_id in ids if self.start_event(event_id)]
+        """Apply a ``StartRequests`` body (see :meth:`ScheduledEvents.approve`)."""
+        return self.scheduled.approve(body)
 
     def start_due_events(self, now_wall: float) -> list[str]:
         """Start the Scheduled events whose NotBefore has passed; returns their ids."""
-        due = []
-        for event in self.events:
-            if event["EventStatus"] != "Scheduled" or not event["NotBefore"]:
-                continue
-            try:
-                when = parsedate_to_datetime(event["NotBefore"]).timestamp()
-            except (TypeError, ValueError):
-                continue
-            if when <= now_wall:
-                due.append(event["EventId"])
-        for event_id in due:
-            self.start_event(event_id)
-        return due
+        return self.scheduled.start_due(now_wall)
 
     # ------------------------------------------------------------------ views
 
@@ -451,9 +362,3 @@ class VMState:
             "faults": self.faults.pending(),
             "identities": self.identities.as_dict(),
         }
-
-
-def _kind(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), "null" if value is None else "number"
-    )
