@@ -77,11 +77,12 @@ async def running(
         nursery.cancel_scope.cancel()
 
 
-async def raw_exchange(path: str, payload: bytes, *, read_for: float = 1.0) -> bytes:
+async def raw_exchange(path: str, payload: bytes) -> bytes:
+    """Send ``payload`` and read until the server closes (which each caller expects it to)."""
     stream = await trio.open_unix_socket(path)
     await stream.send_all(payload)
     received = b""
-    with trio.move_on_after(read_for):
+    with trio.fail_after(10):
         while chunk := await stream.receive_some(65536):
             received += chunk
     await stream.aclose()
@@ -103,8 +104,11 @@ async def test_keep_alive_and_query(tmp_path: Path) -> None:
 
 async def test_pipelined_requests_answered_in_order(tmp_path: Path) -> None:
     async with running(tmp_path) as (path, _):
-        two = b"GET /one HTTP/1.1\r\nhost: t\r\n\r\nGET /two HTTP/1.1\r\nhost: t\r\n\r\n"
-        data = await raw_exchange(path, two, read_for=0.5)
+        two = (
+            b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n"
+            b"GET /two HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+        )
+        data = await raw_exchange(path, two)
         assert data.count(b"HTTP/1.1 200") == 2
         assert data.index(b"/one") < data.index(b"/two")
 
@@ -134,18 +138,27 @@ async def test_garbage_is_400_and_server_survives(tmp_path: Path) -> None:
             assert (await client.request("GET", "/", [("host", "t")])).status == 200
 
 
-async def test_slow_request_gets_408(tmp_path: Path) -> None:
+async def test_slow_request_gets_408(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     limits = ServerLimits(request_timeout=0.2, idle_timeout=5)
     async with running(tmp_path, limits) as (path, _):
-        data = await raw_exchange(path, b"GET / HTTP/1.1\r\nhost:", read_for=2)
+        start = trio.current_time()
+        data = await raw_exchange(path, b"GET / HTTP/1.1\r\nhost:")
         assert data.startswith(b"HTTP/1.1 408")
+        assert 0.2 <= trio.current_time() - start < 0.21
 
 
-async def test_idle_connection_is_closed(tmp_path: Path) -> None:
+async def test_idle_connection_is_closed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with running(tmp_path, ServerLimits(idle_timeout=0.2)) as (path, _):
+        await trio.sleep(0.01)  # out of step with the sweeper, which started with the server
+        start = trio.current_time()
         stream = await trio.open_unix_socket(path)
         with trio.fail_after(2):
             assert await stream.receive_some(10) == b""
+        assert 0.2 <= trio.current_time() - start <= 0.25 + 1e-9  # timeout .. 1.25 x timeout
         await stream.aclose()
 
 
@@ -167,7 +180,9 @@ async def test_idle_sweep_cancels_only_connections_waiting_too_long() -> None:
     assert idle.sweep(1000.0) == 0  # no longer tracked
 
 
-async def test_idle_timeout_spares_a_request_being_answered(tmp_path: Path) -> None:
+async def test_idle_timeout_spares_a_request_being_answered(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with (
         running(tmp_path, ServerLimits(idle_timeout=0.1)) as (path, _),
         connected(path) as client,
@@ -176,10 +191,10 @@ async def test_idle_timeout_spares_a_request_being_answered(tmp_path: Path) -> N
         assert response.status == 200
         assert (await client.request("GET", "/", [("host", "t")])).status == 200
         start = trio.current_time()
-        while client.reusable and trio.current_time() - start < 2:
-            await trio.sleep(0.01)
-        assert not client.reusable
-        assert 0.1 <= trio.current_time() - start < 0.5
+        with trio.fail_after(2):
+            while client.reusable:
+                await trio.sleep(0.001)
+        assert 0.1 <= trio.current_time() - start <= 0.125 + 0.001 + 1e-9
 
 
 class _SweptOnArrival(trio.abc.Stream):
@@ -370,7 +385,9 @@ async def test_wait_peer_closed_returns_when_client_leaves(tmp_path: Path) -> No
         nursery.cancel_scope.cancel()
 
 
-async def test_client_body_cap_and_deadline(tmp_path: Path) -> None:
+async def test_client_body_cap_and_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async def big(request: Request, responder: Responder) -> None:
         if request.path == "/slow":
             await trio.sleep(5)
@@ -385,18 +402,23 @@ async def test_client_body_cap_and_deadline(tmp_path: Path) -> None:
                 await client.request("GET", "/", [("host", "t")])
             assert not client.reusable
         async with connected(path) as client:
+            start = trio.current_time()
             with pytest.raises(Deadline):
                 await client.request("GET", "/slow", [("host", "t")], timeout=0.1)
+            assert 0.1 <= trio.current_time() - start < 0.11
         nursery.cancel_scope.cancel()
 
 
-async def test_client_notices_server_close_between_requests(tmp_path: Path) -> None:
+async def test_client_notices_server_close_between_requests(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with (
         running(tmp_path, ServerLimits(idle_timeout=0.1)) as (path, _),
         connected(path) as client,
     ):
         assert (await client.request("GET", "/", [("host", "t")])).status == 200
-        await trio.sleep(0.4)
+        assert client.reusable
+        await trio.sleep(0.125 + 1e-6)  # the idle sweeper has closed it by now (mock time)
         assert not client.reusable
 
 
