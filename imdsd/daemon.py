@@ -332,8 +332,7 @@ class Daemon:
         self._pollers_scope.cancel()
         self.keeper.broadcaster.close()  # watch streams end with a final bookmark
         with trio.move_on_after(WATCHERS_DRAIN):
-            while self.api.watchers.active:  # noqa: ASYNC110 - a plain counter
-                await trio.sleep(0.01)
+            await self.api.watchers.wait_none_open()
         api_scope.cancel()
         clean = await self.hooks.shutdown(HOOK_SHUTDOWN_DEADLINE)
         saved = await self.keeper.flush()

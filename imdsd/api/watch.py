@@ -88,7 +88,13 @@ class Watchers:
         self.max_pending = max_pending
         self.write_timeout = write_timeout
         self.active = 0
+        self._none_open = trio.Event()
         self._parked: dict[int, _Parked] = {}
+
+    async def wait_none_open(self) -> None:
+        """Return once no watch stream or long poll is open."""
+        while self.active:
+            await self._none_open.wait()
 
     async def _guarded(self, responder: Responder, body: Callable[[], Awaitable[None]]) -> bool:
         """Run ``body`` until it ends or the peer leaves; True when the peer left."""
@@ -116,6 +122,9 @@ class Watchers:
                 nursery.cancel_scope.cancel()
         finally:
             self.active -= 1
+            if not self.active:
+                self._none_open.set()
+                self._none_open = trio.Event()
         return left
 
     async def _write(self, responder: Responder, data: bytes) -> None:
