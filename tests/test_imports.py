@@ -61,6 +61,9 @@ CORE = (
     "imdsd.timestamps",
     "imdsd.tomlwriter",
     "imdsd.upstream.budget_core",
+    "imdsd.upstream.errors",
+    "imdsd.upstream.messages",
+    "imdsd.upstream.report",
     "imdsd.upstream.retry",
     "imdsd.upstream.versions",
 )
