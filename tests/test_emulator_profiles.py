@@ -21,12 +21,11 @@ from imdsd.emulator.profiles import (
     AZURE,
     AZURE_VERSIONS,
     AZURESTACK,
-    FIELD_VERSIONS,
     SCHEDULED_EVENTS_VERSIONS,
     Endpoint,
     get_profile,
-    strip_newer_fields,
 )
+from imdsd.imdsfields import INSTANCE_FIELDS, strip_newer
 from imdsd.model import decode_attested, decode_attested_payload, decode_instance
 
 DATA = Path(__file__).parent / "data"
@@ -138,7 +137,7 @@ def test_field_table_paths_exist_in_the_default_document() -> None:
     extra = {"customData": "", "userData": "", "host": {"id": ""}, "provider": ""}
     doc["compute"].update(extra)
     doc["compute"]["physicalZone"] = ""
-    for path in FIELD_VERSIONS:
+    for path in INSTANCE_FIELDS:
         node: Any = doc
         for part in path.split("."):
             node = node[0] if part == "*" else node[part]
@@ -146,13 +145,11 @@ def test_field_table_paths_exist_in_the_default_document() -> None:
 
 def test_strip_newer_fields_handles_missing_and_odd_shapes() -> None:
     table = {"a.b": "2020-01-01", "x.*.y": "2020-01-01"}
-    assert strip_newer_fields({"a": "leaf", "x": "no list"}, table, "2019-01-01") == {
+    assert strip_newer({"a": "leaf", "x": "no list"}, table, "2019-01-01") == {
         "a": "leaf",
         "x": "no list",
     }
-    assert strip_newer_fields({"x": [{"y": 1, "z": 2}, 3]}, table, "2019-01-01") == {
-        "x": [{"z": 2}, 3]
-    }
+    assert strip_newer({"x": [{"y": 1, "z": 2}, 3]}, table, "2019-01-01") == {"x": [{"z": 2}, 3]}
 
 
 def test_azurestack_forces_its_empty_fields() -> None:

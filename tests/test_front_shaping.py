@@ -9,14 +9,8 @@ from typing import Any
 import pytest
 
 from imdsd.emulator.profiles import AZURE, SCHEDULED_EVENTS_VERSIONS
-from imdsd.front.shaping import (
-    INSTANCE_FIELDS,
-    KNOWN_CHILDREN,
-    events_at,
-    instance_at,
-    strip_newer,
-    unknown_fields,
-)
+from imdsd.front.shaping import events_at, instance_at
+from imdsd.imdsfields import INSTANCE_FIELDS, KNOWN_CHILDREN, strip_newer, unknown_fields
 
 DATA = Path(__file__).parent / "data"
 NEWEST = AZURE.versions[-1]

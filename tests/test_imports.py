@@ -52,6 +52,7 @@ CORE = (
     "imdsd.hooks.merge",
     "imdsd.hooks.model",
     "imdsd.hooks.schedule",
+    "imdsd.imdsfields",
     "imdsd.instance_paths",
     "imdsd.memory",
     "imdsd.model",

@@ -31,10 +31,11 @@ from imdsd.emulator.attested import (
     identity_token,
 )
 from imdsd.emulator.identity import NOT_FOUND
-from imdsd.emulator.profiles import ATTESTED_FIELD_VERSIONS, Endpoint
+from imdsd.emulator.profiles import Endpoint
 from imdsd.emulator.rules import ImdsRequest, Rejection, RequestRules
 from imdsd.emulator.state import StateError, VMState
 from imdsd.filtering import FilterError, parse_format, render, resolve
+from imdsd.imdsfields import ATTESTED_FIELDS
 
 JSON = "application/json; charset=utf-8"
 
@@ -101,7 +102,7 @@ def answer_imds(
                 state.instance,
                 nonce=nonce,
                 now_wall=now_wall,
-                include_license=verdict.api_version >= ATTESTED_FIELD_VERSIONS["licenseType"],
+                include_license=verdict.api_version >= ATTESTED_FIELDS["licenseType"],
             )
             return json_answer(200, attested_document(payload))
         case Endpoint.IDENTITY:

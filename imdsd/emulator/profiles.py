@@ -14,11 +14,9 @@ Version sources (all from Microsoft's public docs):
 - endpoint minimum versions: the IMDS page's "Endpoint categories" table (attested
   2018-10-01, identity 2018-02-01, loadbalancer 2020-10-01; instance takes every version).
 - Scheduled Events is versioned on its own ("Version and region availability" table of the
-  Scheduled Events page): 2017-03-01 (preview) ... 2020-07-01; Description came with
-  2019-04-01, EventSource with 2019-08-01, DurationInSeconds with 2020-07-01.
-- instance fields: the "Version introduced" column of the IMDS page's schema tables
-  (:data:`FIELD_VERSIONS`); a field newer than the requested api-version is left out.
-  ``physicalZone`` has no version there (marked as rolling out); 2023-11-15 is our assumption.
+  Scheduled Events page): 2017-03-01 (preview) ... 2020-07-01.
+- instance, event and attested fields: :mod:`imdsd.imdsfields` (shared with the IMDS front);
+  a field newer than the requested api-version is left out.
 """
 
 from __future__ import annotations
@@ -31,6 +29,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
+
+from imdsd.imdsfields import EVENT_FIELDS, INSTANCE_FIELDS, strip_newer
 
 
 class Endpoint(enum.StrEnum):
@@ -66,55 +66,6 @@ ENDPOINT_MIN_VERSION: Mapping[Endpoint, str] = {
     Endpoint.LOADBALANCER: "2020-10-01",
 }
 
-# Dotted path under the instance document ("*" = every array element) -> first api-version.
-FIELD_VERSIONS: Mapping[str, str] = {
-    "compute.azEnvironment": "2018-10-01",
-    "compute.additionalCapabilities": "2021-11-01",
-    "compute.customData": "2019-02-01",
-    "compute.userData": "2021-01-01",
-    "compute.evictionPolicy": "2020-12-01",
-    "compute.extendedLocation": "2021-03-01",
-    "compute.host": "2021-11-15",
-    "compute.hostGroup": "2021-11-15",
-    "compute.isHostCompatibilityLayerVm": "2020-06-01",
-    "compute.licenseType": "2020-09-01",
-    "compute.osProfile": "2020-07-15",
-    "compute.osProfile.disablePasswordAuthentication": "2020-10-01",
-    "compute.physicalZone": "2023-11-15",
-    "compute.placementGroupId": "2017-08-01",
-    "compute.plan": "2018-04-02",
-    "compute.platformSubFaultDomain": "2021-10-01",
-    "compute.priority": "2020-12-01",
-    "compute.provider": "2018-10-01",
-    "compute.publicKeys": "2018-04-02",
-    "compute.resourceGroupName": "2017-08-01",
-    "compute.resourceId": "2019-03-11",
-    "compute.securityProfile": "2020-06-01",
-    "compute.securityProfile.encryptionAtHost": "2021-11-01",
-    "compute.securityProfile.securityType": "2021-12-13",
-    "compute.storageProfile": "2019-06-01",
-    "compute.storageProfile.resourceDisk": "2021-02-01",
-    "compute.storageProfile.dataDisks.*.bytesPerSecondThrottle": "2021-05-01",
-    "compute.storageProfile.dataDisks.*.diskCapacityBytes": "2021-05-01",
-    "compute.storageProfile.dataDisks.*.isSharedDisk": "2021-05-01",
-    "compute.storageProfile.dataDisks.*.isUltraDisk": "2021-05-01",
-    "compute.storageProfile.dataDisks.*.opsPerSecondThrottle": "2021-05-01",
-    "compute.subscriptionId": "2017-08-01",
-    "compute.tags": "2017-08-01",
-    "compute.tagsList": "2019-06-04",
-    "compute.virtualMachineScaleSet": "2021-03-01",
-    "compute.vmScaleSetName": "2017-12-01",
-    "compute.zone": "2017-12-01",
-}
-
-EVENT_FIELD_VERSIONS: Mapping[str, str] = {
-    "Description": "2019-04-01",
-    "EventSource": "2019-08-01",
-    "DurationInSeconds": "2020-07-01",
-}
-
-ATTESTED_FIELD_VERSIONS: Mapping[str, str] = {"licenseType": "2020-09-01"}
-
 
 @cache
 def _data_text(name: str) -> str:
@@ -124,33 +75,6 @@ def _data_text(name: str) -> str:
 def load_data(name: str) -> Any:
     """A fresh copy of the JSON document ``imdsd/emulator/data/<name>`` shipped in the package."""
     return json.loads(_data_text(name))
-
-
-def _drop(node: Any, parts: list[str]) -> None:
-    """Remove the field at ``parts`` (``*`` walks every array element) where present."""
-    if not parts:
-        return
-    head, rest = parts[0], parts[1:]
-    if head == "*":
-        if isinstance(node, list):
-            for item in node:
-                _drop(item, rest)
-        return
-    if not isinstance(node, dict) or head not in node:
-        return
-    if rest:
-        _drop(node[head], rest)
-    else:
-        del node[head]
-
-
-def strip_newer_fields(document: Any, table: Mapping[str, str], api_version: str) -> Any:
-    """A copy of ``document`` without the fields of ``table`` newer than ``api_version``."""
-    result = copy.deepcopy(document)
-    for path, first in table.items():
-        if api_version < first:
-            _drop(result, path.split("."))
-    return result
 
 
 @dataclass(frozen=True)
@@ -195,7 +119,7 @@ class Profile:
 
     def shape_instance(self, document: dict[str, Any], api_version: str) -> dict[str, Any]:
         """The instance document as served at ``api_version`` (newer fields left out)."""
-        shaped: dict[str, Any] = strip_newer_fields(document, FIELD_VERSIONS, api_version)
+        shaped: dict[str, Any] = strip_newer(document, INSTANCE_FIELDS, api_version)
         compute = shaped.get("compute")
         if isinstance(compute, dict):
             for key, value in self.forced_compute.items():
@@ -207,8 +131,7 @@ class Profile:
         """The scheduled events document as served at ``api_version``."""
         shaped = copy.deepcopy(document)
         shaped["Events"] = [
-            strip_newer_fields(event, EVENT_FIELD_VERSIONS, api_version)
-            for event in shaped.get("Events", [])
+            strip_newer(event, EVENT_FIELDS, api_version) for event in shaped.get("Events", [])
         ]
         return shaped
 
