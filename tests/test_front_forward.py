@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -14,12 +13,15 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imdsd.config import ImdsConfig
 from imdsd.front.forward import FairQueue, IdentityLimits
 from imdsd.front.relay import Relay
 from imdsd.front.rules import Endpoint, Routed
 from imdsd.front.tokens import TokenCache, expires_on
 from imdsd.upstream.budget import Budget
-from imdsd.upstream.client import ConnectError, UpstreamResponse
+from imdsd.upstream.client import ConnectError, ImdsClient, UpstreamResponse
+from imdsd.upstream.messages import Outbound
+from imdsd.upstream.pool import Acquire, Pool
 
 # ------------------------------------------------------------------ fair queue
 
@@ -116,10 +118,11 @@ def test_token_cache_is_bounded() -> None:
 # ------------------------------------------------------------------ relay
 
 
-class FakeClient:
-    """Stands in for ImdsClient.forward: records calls, holds them until released."""
+class FakePool(Pool):
+    """Stands in for the upstream connections: records requests, holds them until released."""
 
     def __init__(self, hold: bool = False, fail: bool = False) -> None:
+        super().__init__(ImdsConfig())
         self.calls: list[dict[str, Any]] = []
         self.started: list[tuple[float, str]] = []
         self.in_flight = 0
@@ -128,21 +131,13 @@ class FakeClient:
         self.hold = hold
         self.fail = fail
 
-    async def forward(
-        self,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[str, str]],
-        body: bytes,
-        *,
-        acquire: Callable[[], Awaitable[None]],
-        lane: str,
-        timeout: float | None = None,
+    async def exchange(
+        self, lane: str, out: Outbound, acquire: Acquire, **_: object
     ) -> UpstreamResponse:
         await acquire()
-        self.calls.append({"method": method, "target": target, "headers": list(headers),
-                           "body": body, "lane": lane})  # fmt: skip
-        self.started.append((trio.current_time(), dict(headers).get("who", "")))
+        self.calls.append({"method": out.method, "target": out.target, "headers": list(out.headers),
+                           "body": out.body, "lane": lane})  # fmt: skip
+        self.started.append((trio.current_time(), dict(out.headers).get("who", "")))
         if self.fail:
             raise ConnectError("connect to 169.254.169.254:80 failed: refused")
         self.in_flight += 1
@@ -154,15 +149,16 @@ class FakeClient:
                 await trio.sleep(0.01)
         finally:
             self.in_flight -= 1
-        body_out = _token_body(trio.current_time() + 3600) if "token" in target else b"{}"
+        body_out = _token_body(trio.current_time() + 3600) if "token" in out.target else b"{}"
         return UpstreamResponse(200, (("Content-Type", "application/json"), ("Server", "x")),
                                 body_out)  # fmt: skip
 
 
-def _relay(client: FakeClient, rate: float = 2.0, queue_timeout: float = 5.0) -> Relay:
+def _relay(pool: FakePool, rate: float = 2.0, queue_timeout: float = 5.0) -> Relay:
     budget = Budget(rate)
+    client = ImdsClient(ImdsConfig(), budget, pool=pool)  # the real forward, a fake pool
     return Relay(
-        lambda: client,  # type: ignore[arg-type,return-value]
+        lambda: client,
         lambda: budget,
         queue_timeout=queue_timeout,
         token_cache=True,
@@ -191,7 +187,7 @@ async def _send(relay: Relay, who: str, target: str, out: list[Any], **kw: Any) 
 async def test_waiting_longer_than_queue_timeout_gets_imdss_429(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client, rate=1.0, queue_timeout=2.0)
     out: list[Any] = []
     async with trio.open_nursery() as nursery:
@@ -208,7 +204,7 @@ async def test_waiting_longer_than_queue_timeout_gets_imdss_429(
 async def test_a_flooding_caller_does_not_delay_another_beyond_one_turn(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client, rate=2.0, queue_timeout=60.0)
     out: list[Any] = []
     async with trio.open_nursery() as nursery:
@@ -224,7 +220,7 @@ async def test_a_flooding_caller_does_not_delay_another_beyond_one_turn(
 async def test_identity_requests_keep_imdss_identity_limits(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client = FakeClient(hold=True)
+    client = FakePool(hold=True)
     relay = _relay(client, rate=0.1)  # the general budget plays no part for identity
     out: list[Any] = []
     async with trio.open_nursery() as nursery:
@@ -239,7 +235,7 @@ async def test_identity_requests_keep_imdss_identity_limits(
 
 
 async def test_identity_rate_is_20_per_second(autojump_clock: trio.testing.MockClock) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client)
     out: list[Any] = []
     async with trio.open_nursery() as nursery:
@@ -253,7 +249,7 @@ async def test_identity_rate_is_20_per_second(autojump_clock: trio.testing.MockC
 
 
 async def test_tokens_are_served_from_the_cache(autojump_clock: trio.testing.MockClock) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client)
     out: list[Any] = []
     await _send(relay, "a", TOKEN, out)
@@ -269,7 +265,7 @@ async def test_tokens_are_served_from_the_cache(autojump_clock: trio.testing.Moc
 async def test_forwarded_as_it_came_without_hop_headers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client)
     answer = await relay.forward(
         _routed(Endpoint.SCHEDULED_EVENTS, "POST"),
@@ -297,7 +293,7 @@ async def test_forwarded_as_it_came_without_hop_headers(
 
 
 async def test_no_answer_upstream_is_imdss_500(autojump_clock: trio.testing.MockClock) -> None:
-    relay = _relay(FakeClient(fail=True))
+    relay = _relay(FakePool(fail=True))
     out: list[Any] = []
     await _send(relay, "a", "/metadata/attested/document", out)
     assert out == [("error", "a", 500)]
@@ -306,7 +302,7 @@ async def test_no_answer_upstream_is_imdss_500(autojump_clock: trio.testing.Mock
 async def test_concurrent_requests_for_one_token_ask_imds_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client)
     out: list[Any] = []
     async with trio.open_nursery() as nursery:
@@ -319,7 +315,7 @@ async def test_concurrent_requests_for_one_token_ask_imds_once(
 async def test_waiting_for_a_token_that_is_not_kept_asks_imds_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client)
     relay.token_cache = True
     relay.tokens.capacity = 0  # nothing can be kept: every waiter asks in turn
@@ -361,7 +357,7 @@ def test_fair_queue_serves_each_caller_in_order_and_in_turn(arrivals: list[str])
 async def test_cancelled_forwards_leave_nothing_behind(
     autojump_clock: trio.testing.MockClock, cancel_after: float
 ) -> None:
-    client = FakeClient(hold=True)
+    client = FakePool(hold=True)
     relay = _relay(client, rate=1.0, queue_timeout=10.0)
     out: list[Any] = []
     with trio.move_on_after(cancel_after):
@@ -380,7 +376,7 @@ async def test_cancelled_forwards_leave_nothing_behind(
 async def test_an_approval_goes_before_imdsds_normal_polls(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client = FakeClient()
+    client = FakePool()
     relay = _relay(client, rate=1.0)
     budget = relay.budget()
     await budget.acquire()  # the slot of this second is taken
