@@ -15,7 +15,7 @@ import argparse
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
@@ -23,14 +23,13 @@ import structlog
 import trio
 
 from imdsd import __version__
-from imdsd.api.context import Endpoint, Freshness
 from imdsd.api.metrics import Metrics
 from imdsd.api.server import ApiServer, open_listeners
-from imdsd.broadcast import Subscription
 from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail
 from imdsd.config import Config, ConfigError, ServerConfig, load_config
+from imdsd.daemon_context import DaemonContext
 from imdsd.fdlimit import FdLimitError, ensure_fd_limit, reserve
-from imdsd.frames import ChangeFrame, GoneFrame
+from imdsd.frames import ChangeFrame
 from imdsd.front.server import FD_NAME as FRONT_FD_NAME
 from imdsd.front.server import MAX_CONNECTIONS as FRONT_MAX_CONNECTIONS
 from imdsd.front.server import FrontServer, open_front_listeners
@@ -46,14 +45,13 @@ from imdsd.logs import configure_logging
 from imdsd.metrics_server import FD_NAME as METRICS_FD_NAME
 from imdsd.metrics_server import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from imdsd.metrics_server import MetricsServer, open_metrics_listeners
-from imdsd.model import Snapshot
 from imdsd.persist import PersistError
 from imdsd.poller import run_pollers
 from imdsd.redirect_daemon import RedirectControl
 from imdsd.systemd import Notifier, SystemdError, listen_fds
 from imdsd.timestamps import format_timestamp
 from imdsd.upstream.budget import Budget
-from imdsd.upstream.client import GaveUp, ImdsClient
+from imdsd.upstream.client import ImdsClient
 
 log = structlog.get_logger("imdsd.daemon")
 
@@ -61,66 +59,6 @@ HOOK_SHUTDOWN_DEADLINE: Final = 3.0
 STATUS_EVERY: Final = 10.0
 PROBE_TIMEOUT: Final = 5.0
 WATCHERS_DRAIN: Final = 1.0
-
-
-class DaemonContext:
-    """What the socket API sees of the daemon (implements :class:`imdsd.api.context.ApiContext`)."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-
-    @property
-    def snapshot(self) -> Snapshot | None:
-        """The current snapshot."""
-        return self._daemon.keeper.snapshot
-
-    @property
-    def revision(self) -> int:
-        """The current revision."""
-        return self._daemon.keeper.revision
-
-    def freshness(self, endpoint: Endpoint) -> Freshness:
-        """Fetch time and staleness of one endpoint."""
-        daemon = self._daemon
-        health = daemon.board.endpoints.get(endpoint)
-        if health is None:
-            return Freshness(daemon.keeper.fetched_at.get(endpoint), False, enabled=False)
-        stale = health.state(trio.current_time()) == "stale"
-        return Freshness(daemon.keeper.fetched_at.get(endpoint), stale)
-
-    def frames_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
-        """Change frames after ``since``."""
-        return self._daemon.keeper.frames_since(since)
-
-    def subscribe(self, max_pending: int, after: int) -> Subscription:
-        """A live subscription to new frames."""
-        return self._daemon.keeper.subscribe(max_pending, after)
-
-    def health(self) -> Mapping[str, Any]:
-        """Health, revision, upstream state, budget, watchers and hooks, as JSON."""
-        return self._daemon.health()
-
-    def hook_status(self) -> Sequence[Any]:
-        """One record per hook."""
-        return self._daemon.hooks.status()
-
-    def versions(self) -> Sequence[str] | None:
-        """The api-versions upstream said it supports."""
-        return self._daemon.client.versions.available
-
-    async def approve(self, event_id: str) -> tuple[int, bytes]:
-        """Approve a scheduled event upstream, within the budget.
-
-        A transport failure after the retries (no HTTP answer at all) raises; an HTTP error
-        answer is reported with its status.
-        """
-        try:
-            await self._daemon.client.approve([event_id])
-        except GaveUp as exc:
-            if exc.status is None:
-                raise
-            return exc.status, msgspec.json.encode({"error": exc.reason})
-        return 200, msgspec.json.encode({"approved": event_id})
 
 
 class Daemon:
