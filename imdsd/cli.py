@@ -18,7 +18,7 @@ DEFAULT_CONFIG = "/etc/imdsd/imdsd.toml"
 
 # command name -> "module:function"; each function takes the parsed arguments, returns an exit code.
 _HANDLERS = {
-    "run": "imdsd.daemon:run_command",
+    "run": "imdsd.daemon_command:run_command",
     "check-config": "imdsd.commands:check_config_command",
     "get": "imdsd.commands:get_command",
     "watch": "imdsd.commands:watch_command",

@@ -11,7 +11,6 @@ with a final bookmark, wait for running hooks, persist, exit 0.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import socket
 import time
@@ -25,30 +24,24 @@ import trio
 from imdsd import __version__
 from imdsd.api.metrics import Metrics
 from imdsd.api.server import ApiServer, open_listeners
-from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail
 from imdsd.config import Config, ConfigError, ServerConfig, load_config
 from imdsd.daemon_context import DaemonContext
 from imdsd.fdlimit import FdLimitError, ensure_fd_limit, reserve
 from imdsd.frames import ChangeFrame
-from imdsd.front.server import FD_NAME as FRONT_FD_NAME
 from imdsd.front.server import MAX_CONNECTIONS as FRONT_MAX_CONNECTIONS
 from imdsd.front.server import FrontServer, open_front_listeners
 from imdsd.health import HealthBoard, daemon_status
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
-from imdsd.hooks.tree import become_subreaper
 from imdsd.httpio import ClientConnection, HttpIOError, open_unix
-from imdsd.httpio.listeners import ListenError
 from imdsd.instance_paths import restricted_path_problems
 from imdsd.keeper import StateKeeper
 from imdsd.logs import configure_logging
-from imdsd.metrics_server import FD_NAME as METRICS_FD_NAME
 from imdsd.metrics_server import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from imdsd.metrics_server import MetricsServer, open_metrics_listeners
-from imdsd.persist import PersistError
 from imdsd.poller import run_pollers
 from imdsd.redirect_daemon import RedirectControl
-from imdsd.systemd import Notifier, SystemdError, listen_fds
+from imdsd.systemd import Notifier
 from imdsd.timestamps import format_timestamp
 from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import ImdsClient
@@ -391,46 +384,3 @@ def fd_reserve(config: Config, front: bool, metrics: bool) -> int:
     listeners = {"front": FRONT_MAX_CONNECTIONS if front else 0}
     listeners["metrics"] = METRICS_MAX_CONNECTIONS if metrics else 0
     return reserve(config.hooks.max_parallel, listeners)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """``imdsd run [-c FILE]``: run the daemon in the foreground."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return fail(str(exc), EXIT_CONFIG)
-    configure_logging(config.log.level, config.log.format)
-    notifier = Notifier.from_env()
-    try:
-        passed = listen_fds()
-        inherited = [sock for sock, name in passed if name not in (METRICS_FD_NAME, FRONT_FD_NAME)]
-        front_inherited = [sock for sock, name in passed if name == FRONT_FD_NAME]
-        metrics_inherited = [sock for sock, name in passed if name == METRICS_FD_NAME]
-    except SystemdError as exc:
-        return fail(str(exc), EXIT_CONFIG)
-    front = bool(config.front.listen or front_inherited)
-    reserved = fd_reserve(config, front, bool(config.metrics.listen or metrics_inherited))
-    try:
-        fds = ensure_fd_limit(config.server.max_connections, reserved)
-    except FdLimitError as exc:
-        return fail(str(exc), EXIT_CONFIG)
-    log.info("file descriptors", soft_limit=fds.soft, was=fds.was, hard=fds.hard, need=fds.needed)
-    try:
-        daemon = Daemon(
-            config,
-            args.config,
-            notifier=notifier,
-            inherited=inherited,
-            metrics_inherited=metrics_inherited,
-            front_inherited=front_inherited,
-        )
-        # orphans of hooks become our children, so the hook runner can find and reap them
-        daemon.hooks.adopt_orphans = become_subreaper()
-        trio.run(daemon.run)
-    except ListenError as exc:
-        return fail(str(exc), EXIT_FAILURE)
-    except PersistError as exc:
-        return fail(str(exc), EXIT_FAILURE)
-    finally:
-        notifier.close()
-    return EXIT_OK
