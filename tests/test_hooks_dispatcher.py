@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 from structlog.testing import capture_logs
 from test_hooks_support import FakeLedger, change, tag
 
@@ -106,6 +107,19 @@ def _dispatcher(
     return HookDispatcher(hooks, ledger, ledger.wait_for_revision, SOCKET, max_parallel, **options)
 
 
+async def idle_status(dispatcher: HookDispatcher) -> dict[str, tuple[bool, int, int, bool]]:
+    """Each hook's (running, delivered, pending, retry due) once every task waits.
+
+    A run that is due has started by then (its task waits on the process), so "not running,
+    nothing pending, no retry" means nothing more runs until a new revision is stored.
+    """
+    await trio.testing.wait_all_tasks_blocked()
+    return {
+        s.name: (s.running, s.delivered_revision, s.pending_revisions, s.retry_in is not None)
+        for s in dispatcher.status()
+    }
+
+
 @asynccontextmanager
 async def running(dispatcher: HookDispatcher) -> AsyncIterator[HookDispatcher]:
     async with trio.open_nursery() as nursery:
@@ -160,8 +174,8 @@ async def test_a_new_hook_gets_no_history(tmp_path: Path) -> None:
     ledger = FakeLedger()
     ledger.append(tag("added", "old", new="1"))
     ledger.append(tag("added", "older", new="1"))
-    async with running(_dispatcher([rec.hook()], ledger)):
-        await trio.sleep(0.2)
+    async with running(_dispatcher([rec.hook()], ledger)) as dispatcher:
+        assert await idle_status(dispatcher) == {"h": (False, 2, 0, False)}
         assert rec.runs() == []
         ledger.append(tag("added", "new", new="1"))
         await until(lambda: ledger.delivered("h") == 3)
@@ -186,7 +200,7 @@ async def test_a_burst_during_a_slow_run_is_coalesced_into_one_next_run(tmp_path
         assert status.pending_revisions == 5
         await until(lambda: len(rec.ends()) == 2)
         await until(lambda: ledger.delivered("h") == 6)
-        await trio.sleep(0.3)
+        assert await idle_status(dispatcher) == {"h": (False, 6, 0, False)}
     first, second = rec.runs()
     assert first["frame"]["revision"] == 1
     assert second["frame"] == {
@@ -359,7 +373,7 @@ async def test_replacing_hooks_keeps_unchanged_state_and_drops_removed(tmp_path:
         assert set(ledger.marks) == {"a"}
         ledger.append(tag("added", "k3", new="1"))
         await until(lambda: ledger.delivered("a") == 4)
-        await trio.sleep(0.2)
+        assert await idle_status(dispatcher) == {"a": (False, 4, 0, False)}
     argvs = [(r["argv"], r["frame"]["revision"]) for r in rec.runs()]
     assert sorted(argvs) == sorted(
         [([], 1), ([], 1), ([], 2), ([], 2), ([], 3), (["v2"], 3), ([], 3), ([], 4)]
