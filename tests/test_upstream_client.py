@@ -467,3 +467,85 @@ async def test_every_request_and_fetch_is_counted_in_the_metrics(
     assert sum(h.count for h in metrics.fetch_duration.values()) == 2
     stats = await emulator.stats()
     assert stats["total"] == sum(counted.values())
+
+
+# ---------------------------------------------------------------------------- slots and closes
+
+
+class Upstream:
+    """Plays IMDS on the far end of socket pairs the pool gets instead of TCP connections.
+
+    Connection ``i`` closes ``linger[i]`` seconds after its first answer (None: kept open).
+    """
+
+    def __init__(self, nursery: trio.Nursery, linger: list[float | None]) -> None:
+        self.nursery = nursery
+        self.linger = linger
+        self.heads: list[bytes] = []
+        self.connections = 0
+
+    async def connect(self, host: str, port: int, timeout: float) -> trio.SocketStream:
+        ours, theirs = trio.socket.socketpair()
+        linger = self.linger[self.connections]
+        self.connections += 1
+        self.nursery.start_soon(self._serve, trio.SocketStream(theirs), linger)
+        return trio.SocketStream(ours)
+
+    async def _serve(self, stream: trio.SocketStream, linger: float | None) -> None:
+        async with stream:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some()
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                self.heads.append(head)
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                if linger is not None:
+                    await trio.sleep(linger)
+                    return
+
+
+@pytest.fixture
+def upstream(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> Upstream:
+    fake = Upstream(nursery, linger=[0.5, None])
+    monkeypatch.setattr("imdsd.upstream.pool.open_marked_tcp", fake.connect)
+    return fake
+
+
+async def test_a_connection_closed_while_waiting_for_a_budget_slot_spends_that_slot(
+    upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = make_client("http://127.0.0.1:9", api_version="2021-02-01", rate=1.0)
+    await client.get("/metadata/instance")  # at 0; the server closes at 0.5
+    await client.get("/metadata/instance")  # the slot at 1.05 finds it closed
+    assert (client.budget.core.granted, upstream.connections, len(upstream.heads)) == (3, 2, 2)
+    assert trio.current_time() == pytest.approx(2.1)  # the request started in the next slot
+    await client.aclose()
+
+
+async def test_a_connection_closed_while_the_front_waits_is_reopened_in_the_same_slot(
+    upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = make_client("http://127.0.0.1:9")
+    slots = 0
+
+    async def acquire() -> None:
+        nonlocal slots
+        slots += 1
+        await trio.sleep(1.0)
+
+    for _ in range(2):  # the first answer at 1, the close at 1.5, the second slot at 2
+        response = await client.forward(
+            "GET", "/x?b=1&b=2", [("Host", "agent"), ("Metadata", "true")], b"",
+            acquire=acquire, lane="front",
+        )  # fmt: skip
+        assert response.status == 200
+    assert (slots, upstream.connections) == (2, 2)
+    assert trio.current_time() == pytest.approx(2.0)
+    for head in upstream.heads:  # as it came, but the endpoint's Host
+        assert head.split(b"\r\n") == [b"GET /x?b=1&b=2 HTTP/1.1", b"Host: 127.0.0.1:9",
+                                       b"Metadata: true"]  # fmt: skip
+    await client.aclose()
