@@ -75,7 +75,7 @@ APPROVE_DEADLINE: Final = 30.0
 
 
 class ImdsClient:
-    """Talks to IMDS through ``budget``; see :mod:`imdsd.upstream.pool` for the rules it keeps.
+    """Talks to IMDS through ``budget``; the rules it keeps are in the modules named above.
 
     ``pool`` replaces the connections to ``config.endpoint`` (tests of the IMDS front).
     """
