@@ -24,8 +24,9 @@ import trio
 from imdsd import __version__
 from imdsd.api.metrics import Metrics
 from imdsd.api.server import ApiServer, open_listeners
-from imdsd.config import Config, ConfigError, ServerConfig, load_config
+from imdsd.config import Config, ServerConfig
 from imdsd.daemon_context import DaemonContext
+from imdsd.daemon_reload import reload, warn_restricted_paths
 from imdsd.fdlimit import FdLimitError, ensure_fd_limit, reserve
 from imdsd.frames import ChangeFrame
 from imdsd.front.server import MAX_CONNECTIONS as FRONT_MAX_CONNECTIONS
@@ -34,9 +35,7 @@ from imdsd.health import HealthBoard, daemon_status
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
 from imdsd.httpio import ClientConnection, HttpIOError, open_unix
-from imdsd.instance_paths import restricted_path_problems
 from imdsd.keeper import StateKeeper
-from imdsd.logs import configure_logging
 from imdsd.metrics_server import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from imdsd.metrics_server import MetricsServer, open_metrics_listeners
 from imdsd.poller import run_pollers
@@ -117,7 +116,7 @@ class Daemon:
                 metrics=self.metrics,
             )
         self.redirect = RedirectControl(config.front.redirect and self.front is not None)
-        self._front_listeners: Sequence[trio.SocketListener] = ()
+        self.front_listeners: Sequence[trio.SocketListener] = ()
         self.serving = False
         self.pollers_alive = False
         self._pollers_scope = trio.CancelScope()
@@ -187,7 +186,7 @@ class Daemon:
             self.config.metrics.listen, self.metrics_inherited
         )
         front_listeners = await open_front_listeners(self.config.front.listen, self.front_inherited)
-        self._front_listeners = front_listeners
+        self.front_listeners = front_listeners
         await self.redirect.clear_stale()  # fail-open: no rules until this instance is ready
         self._probe_path = _unix_path(listeners[0].socket)
         async with trio.open_nursery() as nursery:
@@ -245,6 +244,10 @@ class Daemon:
             finally:
                 self.serving = False
 
+    def restart_pollers(self) -> None:
+        """Stop the pollers; :meth:`run` starts them again with the current client."""
+        self._pollers_scope.cancel()
+
     async def _run_pollers(self) -> None:
         while not self._stop.is_set():
             self._pollers_scope = trio.CancelScope()
@@ -281,41 +284,7 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Re-read the configuration and apply it; keep the old one when it is invalid."""
-        self.notifier.reloading()
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("reload failed; keeping the running configuration", error=str(exc))
-            self.notifier.ready(self.status_line())
-            return False
-        old, self.config = self.config, new
-        configure_logging(new.log.level, new.log.format)
-        warn_restricted_paths(new)
-        for key in ("socket", "socket_mode", "socket_group"):
-            if getattr(old.server, key) != getattr(new.server, key):
-                log.warning("setting needs a restart to apply", key=f"server.{key}")
-        if old.state != new.state:
-            log.warning("setting needs a restart to apply", key="state")
-        if old.metrics != new.metrics:
-            log.warning("setting needs a restart to apply", key="metrics.listen")
-        if old.front.listen != new.front.listen:
-            log.warning("setting needs a restart to apply", key="front.listen")
-        if self.front is not None:
-            self.front.reconfigure(new.front)
-            await self.redirect.reconfigure(new.front.redirect, self._front_listeners)
-        if old.imds != new.imds or old.poll != new.poll:
-            old_client = self.client
-            self.budget.set_rate(new.imds.max_requests_per_second)  # the window carries over
-            self.client = ImdsClient(new.imds, self.budget, metrics=self.metrics)
-            self._pollers_scope.cancel()  # _run_pollers restarts them with the new client
-            await old_client.aclose()
-        self.api.reconfigure(self._carried(new, old.server.max_connections))
-        self.hooks.policy = self.api.policy
-        self.hooks.replace_hooks(load_hooks(new))
-        self.hooks.set_max_parallel(new.hooks.max_parallel)
-        log.info("configuration reloaded", path=self.config_path)
-        self.notifier.ready(self.status_line())
-        return True
+        return await reload(self)
 
     def _carried(self, new: Config, running: int) -> ServerConfig:
         """``new.server``, unless the descriptor limit cannot carry its ``max_connections``:
@@ -371,12 +340,6 @@ def _unix_path(sock: Any) -> str | None:
     except OSError:
         return None
     return name if isinstance(name, str) and name else None
-
-
-def warn_restricted_paths(config: Config) -> None:
-    """Log each ``server.restricted_paths`` entry that can match no instance key."""
-    for problem in restricted_path_problems(config.server.restricted_paths):
-        log.warning("restricted path protects nothing", problem=problem)
 
 
 def fd_reserve(config: Config, front: bool, metrics: bool) -> int:

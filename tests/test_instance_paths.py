@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from imdsd import daemon as daemon_module
+from imdsd import daemon_reload
 from imdsd.commands import check_config_command
 from imdsd.config import load_config
 from imdsd.daemon import Daemon
@@ -126,7 +126,7 @@ def test_check_config_warns_on_stderr_and_exits_0(
 async def test_the_daemon_warns_at_start_and_on_reload(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(daemon_module, "configure_logging", lambda level, fmt: None)
+    monkeypatch.setattr(daemon_reload, "configure_logging", lambda level, fmt: None)
     path = config_file(tmp_path, ["compute/userData"])
     with capture_logs() as logs:
         daemon = Daemon(load_config(str(path)), str(path))
