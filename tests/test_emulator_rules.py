@@ -9,14 +9,8 @@ from typing import Any
 import pytest
 
 from imdsd.emulator.profiles import AZURE, AZURESTACK, Endpoint
-from imdsd.emulator.rules import (
-    NO_API_VERSION,
-    ImdsRequest,
-    Rejection,
-    RequestRules,
-    RuleError,
-    classify,
-)
+from imdsd.emulator.rules import ImdsRequest, RequestRules, RuleError, classify
+from imdsd.imdsrules import NO_API_VERSION, Rejection
 
 DATA = Path(__file__).parent / "data"
 MD = [("Metadata", "true")]

@@ -6,10 +6,8 @@ import msgspec
 import pytest
 
 from imdsd.emulator.profiles import AZURE
-from imdsd.emulator.rules import Rejection, RequestRules
+from imdsd.emulator.rules import RequestRules
 from imdsd.front.rules import (
-    NO_API_VERSION,
-    NO_METADATA_HEADER,
     Endpoint,
     Refusal,
     Routed,
@@ -18,6 +16,7 @@ from imdsd.front.rules import (
     newest_versions,
     origin_form,
 )
+from imdsd.imdsrules import NO_API_VERSION, NO_METADATA_HEADER, Rejection
 
 VERSIONS = list(AZURE.versions)
 MD = [("Metadata", "true")]

@@ -53,6 +53,7 @@ CORE = (
     "imdsd.hooks.model",
     "imdsd.hooks.schedule",
     "imdsd.imdsfields",
+    "imdsd.imdsrules",
     "imdsd.instance_paths",
     "imdsd.memory",
     "imdsd.model",

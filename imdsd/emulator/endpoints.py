@@ -32,10 +32,11 @@ from imdsd.emulator.attested import (
 )
 from imdsd.emulator.identity import NOT_FOUND
 from imdsd.emulator.profiles import Endpoint
-from imdsd.emulator.rules import ImdsRequest, Rejection, RequestRules
+from imdsd.emulator.rules import ImdsRequest, RequestRules
 from imdsd.emulator.state import StateError, VMState
 from imdsd.filtering import FilterError, parse_format, render, resolve
 from imdsd.imdsfields import ATTESTED_FIELDS
+from imdsd.imdsrules import Rejection
 
 JSON = "application/json; charset=utf-8"
 

@@ -17,26 +17,32 @@ switchable:
 7. ``api_version``: required and known for the endpoint, except on ``/metadata/versions`` ->
    400 with ``{"error": ..., "newest-versions": [three newest]}``. Disabled, a missing
    api-version is served as the endpoint's newest.
+
+Rules 2-4, 6 and 7 and their messages are IMDS's own, shared with the front
+(:mod:`imdsd.imdsrules`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 from imdsd.emulator.identity import IdentityGate
 from imdsd.emulator.profiles import Endpoint, Profile
 from imdsd.emulator.stats import SlidingCount
 from imdsd.filtering import split_path
-
-NO_METADATA_HEADER = "Bad request. Required metadata header not specified"
-FORWARDED_FOR = "Bad request. X-Forwarded-For header is not allowed"
-NO_API_VERSION = (
-    "Bad request. api-version was not specified in the request. "
-    "For more information refer to aka.ms/azureimds"
+from imdsd.imdsrules import (
+    NOT_FOUND,
+    TOO_MANY_REQUESTS,
+    Rejection,
+    allowed_methods,
+    api_version_rejection,
+    check_headers_and_query,
+    check_method,
 )
+
 # Numeric settings besides the switches (identity_concurrency: an integer, 0 = unlimited;
 # identity_latency: seconds each admitted identity request is held, at most 60).
 _NUMBERS = ("identity_rate_limit", "identity_concurrency", "identity_latency")
@@ -63,16 +69,6 @@ class RuleSwitches:
     duplicate_params: bool = True
     method: bool = True
     api_version: bool = True
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A refused request: status, JSON body and extra headers; ``rule`` names the rule."""
-
-    rule: str
-    status: int
-    body: dict[str, Any]
-    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,36 +176,26 @@ class RequestRules:
         raw_path, _, raw_query = target.partition("?")
         path = unquote(raw_path)
         route = classify(path)
-        lowered = [(name.lower(), value) for name, value in headers]
         switches = self.switches
 
         if self._throttled(route[0] if route else None, now):
-            return Rejection("rate_limit", 429, {"error": "Too many requests"})
-        if switches.metadata_header and not any(
-            name == "metadata" and value.strip().lower() == "true" for name, value in lowered
-        ):
-            return Rejection("metadata_header", 400, {"error": NO_METADATA_HEADER})
-        if switches.forwarded_for and any(name == "x-forwarded-for" for name, _ in lowered):
-            return Rejection("forwarded_for", 400, {"error": FORWARDED_FOR})
-        pairs = parse_qsl(raw_query, keep_blank_values=True)
-        duplicate = _first_duplicate(pairs)
-        if switches.duplicate_params and duplicate is not None:
-            return Rejection(
-                "duplicate_params",
-                400,
-                {"error": f"Bad request. Duplicate query parameter {duplicate!r}"},
-            )
+            return Rejection("rate_limit", 429, {"error": TOO_MANY_REQUESTS})
+        pairs = check_headers_and_query(
+            headers,
+            raw_query,
+            metadata_header=switches.metadata_header,
+            forwarded_for=switches.forwarded_for,
+            duplicate_params=switches.duplicate_params,
+        )
+        if isinstance(pairs, Rejection):
+            return pairs
         if route is None or not self.profile.serves(route[0]):
-            return Rejection("not_found", 404, {"error": "Not found"})
+            return Rejection("not_found", 404, {"error": NOT_FOUND})
         endpoint, segments = route
-        allowed = ("GET", "POST") if endpoint is Endpoint.SCHEDULED_EVENTS else ("GET",)
-        if switches.method and method not in allowed:
-            return Rejection(
-                "method",
-                405,
-                {"error": f"Method {method} not allowed"},
-                (("allow", ", ".join(allowed)),),
-            )
+        allowed = allowed_methods(endpoint is Endpoint.SCHEDULED_EVENTS)
+        refused = check_method(method, allowed) if switches.method else None
+        if refused is not None:
+            return refused
         query = dict(pairs)
         api_version = query.get("api-version")
         known = self.profile.versions_for(endpoint)
@@ -218,24 +204,6 @@ class RequestRules:
         elif not switches.api_version:
             api_version = api_version or known[-1]
         elif api_version is None or api_version not in known:
-            message = (
-                NO_API_VERSION
-                if api_version is None
-                else f"Bad request. api-version {api_version!r} is not supported for "
-                f"/metadata/{endpoint.value}. For more information refer to aka.ms/azureimds"
-            )
-            return Rejection(
-                "api_version",
-                400,
-                {"error": message, "newest-versions": self.profile.newest_versions(endpoint)},
-            )
+            where = f"/metadata/{endpoint.value}"
+            return api_version_rejection(api_version, where, self.profile.newest_versions(endpoint))
         return ImdsRequest(endpoint, path, segments, api_version, query)
-
-
-def _first_duplicate(pairs: Sequence[tuple[str, str]]) -> str | None:
-    seen: set[str] = set()
-    for name, _ in pairs:
-        if name in seen:
-            return name
-        seen.add(name)
-    return None

@@ -1,8 +1,8 @@
 """IMDS request rules for the front (sans-IO): refuse as IMDS would, or say where to answer from.
 
-:func:`check` applies IMDS's rules in IMDS's order (the emulator's order, see
-:mod:`imdsd.emulator.rules`) and returns either a :class:`Refusal` (status, IMDS's JSON body,
-headers) or a :class:`Routed` request:
+:func:`check` applies IMDS's rules (:mod:`imdsd.imdsrules`, shared with the emulator) in
+IMDS's order and returns either a :class:`Refusal` (status, IMDS's JSON body, headers) or a
+:class:`Routed` request:
 
 1. ``Metadata: true`` is required (case-insensitive value) -> 400;
 2. an ``X-Forwarded-For`` header -> 400;
@@ -23,20 +23,38 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 import msgspec
 
 from imdsd.filtering import split_path
+from imdsd.imdsrules import (
+    TOO_MANY_REQUESTS,
+    Rejection,
+    allowed_methods,
+    api_version_rejection,
+    check_headers_and_query,
+    check_method,
+)
 from imdsd.upstream.versions import SCHEDULED_EVENTS_VERSIONS
 
-NO_METADATA_HEADER = "Bad request. Required metadata header not specified"
-FORWARDED_FOR = "Bad request. X-Forwarded-For header is not allowed"
-NO_API_VERSION = (
-    "Bad request. api-version was not specified in the request. "
-    "For more information refer to aka.ms/azureimds"
-)
-TOO_MANY_REQUESTS = "Too many requests"
+__all__ = [
+    "CACHED",
+    "JSON_TYPE",
+    "LOADBALANCER_MIN",
+    "SERVICE_ERROR",
+    "TOO_MANY_REQUESTS",
+    "Endpoint",
+    "Refusal",
+    "Routed",
+    "check",
+    "classify",
+    "error_body",
+    "newest_versions",
+    "origin_form",
+    "refusal",
+]
+
 SERVICE_ERROR = "Internal server error"
 LOADBALANCER_MIN = "2020-10-01"
 JSON_TYPE = "application/json; charset=utf-8"
@@ -95,9 +113,10 @@ def error_body(message: str, **extra: object) -> bytes:
     return msgspec.json.encode({"error": message, **extra})
 
 
-def refusal(rule: str, status: int, message: str, **extra: object) -> Refusal:
-    """A :class:`Refusal` with IMDS's JSON error body."""
-    return Refusal(rule, status, error_body(message, **extra))
+def refusal(rejection: Rejection) -> Refusal:
+    """The :class:`Refusal` of a :class:`~imdsd.imdsrules.Rejection` (its body encoded)."""
+    body = msgspec.json.encode(rejection.body)
+    return Refusal(rejection.rule, rejection.status, body, rejection.headers)
 
 
 def origin_form(target: str) -> str:
@@ -130,16 +149,6 @@ def newest_versions(endpoint: Endpoint, available: Iterable[str], count: int = 3
     return sorted((v for v in set(available) if v >= floor), reverse=True)[:count]
 
 
-def first_duplicate(pairs: Sequence[tuple[str, str]]) -> str | None:
-    """The first query parameter name that appears twice, or None."""
-    seen: set[str] = set()
-    for name, _ in pairs:
-        if name in seen:
-            return name
-        seen.add(name)
-    return None
-
-
 def check(
     method: str,
     target: str,
@@ -148,17 +157,9 @@ def check(
 ) -> Routed | Refusal:
     """Apply IMDS's rules to one request (``available``: the api-versions IMDS lists)."""
     raw_path, _, raw_query = origin_form(target).partition("?")
-    lowered = [(name.lower(), value) for name, value in headers]
-    if not any(name == "metadata" and value.strip().lower() == "true" for name, value in lowered):
-        return refusal("metadata_header", 400, NO_METADATA_HEADER)
-    if any(name == "x-forwarded-for" for name, _ in lowered):
-        return refusal("forwarded_for", 400, FORWARDED_FOR)
-    pairs = parse_qsl(raw_query, keep_blank_values=True)
-    duplicate = first_duplicate(pairs)
-    if duplicate is not None:
-        return refusal(
-            "duplicate_params", 400, f"Bad request. Duplicate query parameter {duplicate!r}"
-        )
+    pairs = check_headers_and_query(headers, raw_query)
+    if isinstance(pairs, Rejection):
+        return refusal(pairs)
     endpoint, segments = classify(unquote(raw_path))
     if method == "HEAD" and endpoint in CACHED:
         method = "GET"  # the HTTP server leaves the body out
@@ -166,15 +167,10 @@ def check(
     routed = Routed(endpoint, method, segments, query.get("api-version"), query)
     if endpoint not in CACHED:
         return routed
-    allowed = ("GET", "POST") if endpoint is Endpoint.SCHEDULED_EVENTS else ("GET",)
-    if method not in allowed:
-        refused = refusal("method", 405, f"Method {method} not allowed")
-        return Refusal(refused.rule, refused.status, refused.body, (("allow", ", ".join(allowed)),))
+    refused = check_method(method, allowed_methods(endpoint is Endpoint.SCHEDULED_EVENTS))
+    if refused is not None:
+        return refusal(refused)
     if endpoint is not Endpoint.VERSIONS and routed.api_version is None:
-        return refusal(
-            "api_version",
-            400,
-            NO_API_VERSION,
-            **{"newest-versions": newest_versions(endpoint, available)},
-        )
+        newest = newest_versions(endpoint, available)
+        return refusal(api_version_rejection(None, f"/metadata/{endpoint.value}", newest))
     return routed
