@@ -27,34 +27,11 @@ from urllib.parse import unquote
 
 import msgspec
 
+from imdsd import imdsrules
 from imdsd.filtering import split_path
-from imdsd.imdsrules import (
-    TOO_MANY_REQUESTS,
-    Rejection,
-    allowed_methods,
-    api_version_rejection,
-    check_headers_and_query,
-    check_method,
-)
 from imdsd.upstream.versions import SCHEDULED_EVENTS_VERSIONS
 
-__all__ = [
-    "CACHED",
-    "JSON_TYPE",
-    "LOADBALANCER_MIN",
-    "SERVICE_ERROR",
-    "TOO_MANY_REQUESTS",
-    "Endpoint",
-    "Refusal",
-    "Routed",
-    "check",
-    "classify",
-    "error_body",
-    "newest_versions",
-    "origin_form",
-    "refusal",
-]
-
+TOO_MANY_REQUESTS = imdsrules.TOO_MANY_REQUESTS
 SERVICE_ERROR = "Internal server error"
 LOADBALANCER_MIN = "2020-10-01"
 JSON_TYPE = "application/json; charset=utf-8"
@@ -113,7 +90,7 @@ def error_body(message: str, **extra: object) -> bytes:
     return msgspec.json.encode({"error": message, **extra})
 
 
-def refusal(rejection: Rejection) -> Refusal:
+def refusal(rejection: imdsrules.Rejection) -> Refusal:
     """The :class:`Refusal` of a :class:`~imdsd.imdsrules.Rejection` (its body encoded)."""
     body = msgspec.json.encode(rejection.body)
     return Refusal(rejection.rule, rejection.status, body, rejection.headers)
@@ -157,8 +134,8 @@ def check(
 ) -> Routed | Refusal:
     """Apply IMDS's rules to one request (``available``: the api-versions IMDS lists)."""
     raw_path, _, raw_query = origin_form(target).partition("?")
-    pairs = check_headers_and_query(headers, raw_query)
-    if isinstance(pairs, Rejection):
+    pairs = imdsrules.check_headers_and_query(headers, raw_query)
+    if isinstance(pairs, imdsrules.Rejection):
         return refusal(pairs)
     endpoint, segments = classify(unquote(raw_path))
     if method == "HEAD" and endpoint in CACHED:
@@ -167,10 +144,12 @@ def check(
     routed = Routed(endpoint, method, segments, query.get("api-version"), query)
     if endpoint not in CACHED:
         return routed
-    refused = check_method(method, allowed_methods(endpoint is Endpoint.SCHEDULED_EVENTS))
+    allowed = imdsrules.allowed_methods(endpoint is Endpoint.SCHEDULED_EVENTS)
+    refused = imdsrules.check_method(method, allowed)
     if refused is not None:
         return refusal(refused)
     if endpoint is not Endpoint.VERSIONS and routed.api_version is None:
         newest = newest_versions(endpoint, available)
-        return refusal(api_version_rejection(None, f"/metadata/{endpoint.value}", newest))
+        where = f"/metadata/{endpoint.value}"
+        return refusal(imdsrules.api_version_rejection(None, where, newest))
     return routed
