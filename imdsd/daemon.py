@@ -11,11 +11,10 @@ with a final bookmark, wait for running hooks, persist, exit 0.
 
 from __future__ import annotations
 
-import signal
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 import structlog
@@ -27,6 +26,8 @@ from imdsd.api.server import ApiServer, open_listeners
 from imdsd.config import Config, ServerConfig
 from imdsd.daemon_context import DaemonContext
 from imdsd.daemon_reload import reload, warn_restricted_paths
+from imdsd.daemon_stop import handle_signals, shutdown
+from imdsd.daemon_watchdog import report_status, watchdog
 from imdsd.fdlimit import FdLimitError, ensure_fd_limit, reserve
 from imdsd.frames import ChangeFrame
 from imdsd.front.server import MAX_CONNECTIONS as FRONT_MAX_CONNECTIONS
@@ -34,7 +35,6 @@ from imdsd.front.server import FrontServer, open_front_listeners
 from imdsd.health import HealthBoard, daemon_status
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
-from imdsd.httpio import ClientConnection, HttpIOError, open_unix
 from imdsd.keeper import StateKeeper
 from imdsd.metrics_server import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from imdsd.metrics_server import MetricsServer, open_metrics_listeners
@@ -46,11 +46,6 @@ from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import ImdsClient
 
 log = structlog.get_logger("imdsd.daemon")
-
-HOOK_SHUTDOWN_DEADLINE: Final = 3.0
-STATUS_EVERY: Final = 10.0
-PROBE_TIMEOUT: Final = 5.0
-WATCHERS_DRAIN: Final = 1.0
 
 
 class Daemon:
@@ -121,7 +116,7 @@ class Daemon:
         self.pollers_alive = False
         self._pollers_scope = trio.CancelScope()
         self._stop = trio.Event()
-        self._probe_path: str | None = None
+        self.probe_path: str | None = None  # the API's unix socket, for the watchdog's probe
 
     # -- health ------------------------------------------------------------------------
 
@@ -188,9 +183,9 @@ class Daemon:
         front_listeners = await open_front_listeners(self.config.front.listen, self.front_inherited)
         self.front_listeners = front_listeners
         await self.redirect.clear_stale()  # fail-open: no rules until this instance is ready
-        self._probe_path = _unix_path(listeners[0].socket)
+        self.probe_path = _unix_path(listeners[0].socket)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._handle_signals)
+            nursery.start_soon(handle_signals, self)
             nursery.start_soon(self.keeper.run_saver)
             api_scope = trio.CancelScope()
             await nursery.start(self._run_api, listeners, api_scope)
@@ -203,15 +198,15 @@ class Daemon:
             await nursery.start(self.hooks.run)
             nursery.start_soon(self._run_pollers)
             if await self._ready_or_stopped():
-                log.info("ready", revision=self.keeper.revision, socket=self._probe_path)
+                log.info("ready", revision=self.keeper.revision, socket=self.probe_path)
                 self.notifier.ready(self.status_line())
                 await self.redirect.install(front_listeners)
                 task_status.started()
-                nursery.start_soon(self._report_status)
+                nursery.start_soon(report_status, self)
                 if self.notifier.watchdog_interval:
-                    nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                    nursery.start_soon(watchdog, self, self.notifier.watchdog_interval)
                 await self._stop.wait()
-            await self._shutdown(api_scope)
+            await shutdown(self, api_scope)
             nursery.cancel_scope.cancel()
 
     async def _ready_or_stopped(self) -> bool:
@@ -244,8 +239,9 @@ class Daemon:
             finally:
                 self.serving = False
 
-    def restart_pollers(self) -> None:
-        """Stop the pollers; :meth:`run` starts them again with the current client."""
+    def cancel_pollers(self) -> None:
+        """Cancel the pollers; :meth:`run` starts them again (with the current client) unless
+        the daemon is stopping."""
         self._pollers_scope.cancel()
 
     async def _run_pollers(self) -> None:
@@ -258,29 +254,6 @@ class Daemon:
                     await run_pollers(self.config, self.client, self.keeper, self.board)
                 finally:
                     self.pollers_alive = False
-
-    async def _shutdown(self, api_scope: trio.CancelScope) -> None:
-        self.notifier.stopping("stopping")
-        log.info("stopping", revision=self.keeper.revision)
-        await self.redirect.remove()  # before the front stops: agents go straight to IMDS
-        self._pollers_scope.cancel()
-        self.keeper.broadcaster.close()  # watch streams end with a final bookmark
-        with trio.move_on_after(WATCHERS_DRAIN):
-            await self.api.watchers.wait_none_open()
-        api_scope.cancel()
-        clean = await self.hooks.shutdown(HOOK_SHUTDOWN_DEADLINE)
-        saved = await self.keeper.flush()
-        await self.client.aclose()
-        log.info("stopped", hooks_clean=clean, state_saved=saved)
-
-    async def _handle_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await self.reload()
-                else:
-                    log.info("signal received", signal=signal.Signals(signum).name)
-                    self.stop()
 
     async def reload(self) -> bool:
         """Re-read the configuration and apply it; keep the old one when it is invalid."""
@@ -297,35 +270,6 @@ class Daemon:
             log.error("max_connections not changed", error=str(exc), kept=running)
             return msgspec.structs.replace(new.server, max_connections=running)
         return new.server
-
-    async def _report_status(self) -> None:
-        while True:
-            self.notifier.status(self.status_line())
-            with trio.move_on_after(STATUS_EVERY):
-                await self.keeper.wait_for_revision(self.keeper.revision)
-
-    async def probe_socket(self) -> bool:
-        """True when the socket answers ``/v1/health`` within a few seconds."""
-        if self._probe_path is None:
-            return self.serving
-        try:
-            with trio.fail_after(PROBE_TIMEOUT):
-                conn = ClientConnection(await open_unix(self._probe_path, PROBE_TIMEOUT))
-                try:
-                    reply = await conn.request("GET", "/v1/health", [("host", "imdsd")])
-                finally:
-                    await conn.aclose()
-        except (HttpIOError, trio.TooSlowError):
-            return False
-        return reply.status in (200, 503)
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            if self.pollers_alive and self.serving and await self.probe_socket():
-                self.notifier.watchdog()
-            else:
-                log.warning("watchdog withheld", pollers=self.pollers_alive, serving=self.serving)
-            await trio.sleep(interval)
 
 
 def _change_summary(frame: ChangeFrame) -> dict[str, Any]:

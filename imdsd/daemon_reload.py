@@ -66,7 +66,7 @@ async def reload(daemon: Daemon) -> bool:
         old_client = daemon.client
         daemon.budget.set_rate(new.imds.max_requests_per_second)  # the window carries over
         daemon.client = ImdsClient(new.imds, daemon.budget, metrics=daemon.metrics)
-        daemon.restart_pollers()  # they start again with the new client
+        daemon.cancel_pollers()  # they start again with the new client
         await old_client.aclose()
     daemon.api.reconfigure(daemon._carried(new, old.server.max_connections))
     daemon.hooks.policy = daemon.api.policy
