@@ -7,6 +7,10 @@ pollers run and the socket answers a self-probe. SIGHUP reloads the configuratio
 (``RELOADING=1`` ... ``READY=1``) without dropping watchers, keeping the old configuration
 when the new one is invalid. SIGTERM/SIGINT: ``STOPPING=1``, stop accepting, end watch streams
 with a final bookmark, wait for running hooks, persist, exit 0.
+
+The steps live beside it: :mod:`.daemon_command` (``imdsd run``), :mod:`.daemon_context`
+(what the API and the front see), :mod:`.daemon_reload`, :mod:`.daemon_stop` (signals and
+the graceful stop) and :mod:`.daemon_watchdog` (``STATUS=``, ``WATCHDOG=1``).
 """
 
 from __future__ import annotations
