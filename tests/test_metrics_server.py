@@ -6,6 +6,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -44,14 +46,20 @@ def test_split_address(listen: str, address: tuple[str, int]) -> None:
     assert split_address(listen) == address
 
 
+@asynccontextmanager
+async def serving(metrics: Metrics) -> AsyncIterator[int]:
+    """A :class:`MetricsServer` for ``metrics`` on a loopback port (yielded) for the block."""
+    [listener] = await open_metrics_listeners("127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(MetricsServer(metrics).serve, [listener])
+        yield listener.socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
 async def test_serves_metrics_and_nothing_else() -> None:
     metrics = Metrics()
     metrics.upstream_request("instance", 200)
-    server = MetricsServer(metrics)
-    [listener] = await open_metrics_listeners("127.0.0.1:0")
-    port = listener.socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve, [listener])
+    async with serving(metrics) as port:
         reply = await request(port, "GET", "/metrics")
         assert reply.status == 200
         assert reply.header("content-type") == CONTENT_TYPE.decode()
@@ -66,20 +74,14 @@ async def test_serves_metrics_and_nothing_else() -> None:
             refused = await request(port, method, "/metrics")
             assert refused.status == 405, method
             assert refused.header("allow") == "GET, HEAD"
-        nursery.cancel_scope.cancel()
 
 
 async def test_head_answers_like_get_without_a_body() -> None:
-    server = MetricsServer(Metrics())
-    [listener] = await open_metrics_listeners("127.0.0.1:0")
-    port = listener.socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve, [listener])
+    async with serving(Metrics()) as port:
         head = await request(port, "HEAD", "/metrics")
         assert head.status == 200
         assert head.body == b""
         assert head.header("content-type") == CONTENT_TYPE.decode()
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_inherited_socket_is_served_instead_of_binding() -> None:
