@@ -6,13 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imdsd.front import sockdiag
 from imdsd.front.callers import (
@@ -248,3 +251,85 @@ def test_concurrent_pid_lookups_share_the_recent_pids_safely(tmp_path: Path) -> 
     assert errors == []
     assert len(found) == processes
     assert all(pid == expected for expected, pid in found.items())
+
+
+CHILD_MANY = "import socket,sys; a=('127.0.0.1', int(sys.argv[1])); s=[socket.create_connection(a) for _ in range(5)]; sys.stdin.read()"  # noqa: E501
+
+
+def test_a_process_holding_several_connections_is_scanned_once() -> None:
+    # A threaded agent or a pool: the scan that finds its first socket notes where the others
+    # are, and each of them is then checked with one readlink.
+    with _listener() as server:
+        argv = [sys.executable, "-c", CHILD_MANY, str(server.getsockname()[1])]
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        try:
+            accepted = [server.accept() for _ in range(5)]
+            resolver = Resolver()
+            callers = []
+            for n, (conn, peer) in enumerate(accepted):
+                with conn:
+                    callers.append(resolver.resolve(peer, conn.getsockname()))
+                if n == 0:
+                    scanned = resolver.fd_scans
+            assert resolver.fd_scans == scanned
+            assert {caller.pid for caller in callers} == {child.pid}
+        finally:
+            child.communicate(b"", timeout=10)
+
+
+class _FakeProc:
+    """A ``/proc`` of fd tables only: ``fd/<n>`` links of a few pids, changed at will."""
+
+    def __init__(self, root: Path, pids: list[int]) -> None:
+        self.root = root
+        for pid in pids:
+            (root / str(pid) / "fd").mkdir(parents=True)
+
+    def open(self, pid: int, fd: int, inode: int) -> None:
+        self.close(pid, fd)
+        os.symlink(f"socket:[{inode}]", self.root / str(pid) / "fd" / str(fd))
+
+    def close(self, pid: int, fd: int) -> None:
+        with suppress(FileNotFoundError):
+            os.unlink(self.root / str(pid) / "fd" / str(fd))
+
+    def holders(self, inode: int) -> set[int]:
+        link = f"socket:[{inode}]"
+        return {
+            int(entry.parent.parent.name)
+            for entry in self.root.glob("*/fd/*")
+            if os.readlink(entry) == link
+        }
+
+
+_PIDS = [100, 200]
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("open"), st.sampled_from(_PIDS), st.integers(3, 4), st.integers(1, 3)),
+        st.tuples(st.just("close"), st.sampled_from(_PIDS), st.integers(3, 4), st.just(0)),
+        st.tuples(st.just("lookup"), st.just(0), st.just(0), st.integers(1, 3)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(ops=_OPS, capacity=st.integers(1, 4))
+def test_remembered_sockets_never_name_a_process_that_no_longer_holds_them(
+    ops: list[tuple[str, int, int, int]], capacity: int
+) -> None:
+    # Sockets close, fd numbers are reused and sockets move between processes after the
+    # resolver noted where they were: it must still name a process holding the socket now.
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = _FakeProc(Path(tmp), _PIDS)
+        resolver = Resolver(proc=tmp, remember=2, netlink=False, sockets=capacity)
+        for op, pid, fd, inode in ops:
+            if op == "open":
+                proc.open(pid, fd, inode)
+            elif op == "close":
+                proc.close(pid, fd)
+            else:
+                holders = proc.holders(inode)
+                found = resolver.pid_of(inode)
+                assert found in holders if holders else found is None
+        assert len(resolver._sockets) <= capacity

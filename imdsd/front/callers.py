@@ -202,24 +202,47 @@ class CallerStats:
 
 
 class Resolver:
-    """Reads ``/proc`` to find a TCP peer's process (blocking: run it in threads; the
-    remembered recent pids are shared by them under a lock)."""
+    """Reads ``/proc`` to find a TCP peer's process (blocking: run it in threads; what it
+    remembers is shared by them under a lock).
 
-    def __init__(self, proc: str = "/proc", remember: int = 256, *, netlink: bool = True) -> None:
+    It remembers the recent pids, and where each socket of a found process was (pid and fd):
+    the next connection of a process holding several (threads, a pool) is checked with one
+    ``readlink`` instead of another scan of its fd table.
+    """
+
+    def __init__(
+        self,
+        proc: str = "/proc",
+        remember: int = 256,
+        *,
+        netlink: bool = True,
+        sockets: int = 4096,
+    ) -> None:
         self.proc = proc
         self.netlink = netlink
         self.remember = remember
+        self.remember_sockets = sockets
         self._recent: OrderedDict[int, None] = OrderedDict()
-        self._recent_lock = threading.Lock()
+        self._sockets: dict[str, tuple[int, str]] = {}
+        self._lock = threading.Lock()
         self.scans = 0
+        self.fd_scans = 0
 
     def _read(self, name: str) -> str:
+        # os.read in large chunks: /proc files are generated per read call
         try:
-            # unbuffered: /proc files are generated per read call, small reads cost a lot
-            with open(os.path.join(self.proc, name), "rb", buffering=0) as f:
-                return f.read().decode("ascii", "replace")
+            fd = os.open(os.path.join(self.proc, name), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return ""
+        chunks = []
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("ascii", "replace")
 
     def socket_of(
         self, peer: Address, ours: Address | None, original: Address | None = None
@@ -230,7 +253,8 @@ class Resolver:
         ``original`` when a redirect rewrote it), then found in ``/proc/net/tcp{,6}``.
         """
         if self.netlink:
-            for destination in (ours, original):
+            # after a redirect the client's socket goes to ``original``: ask that first
+            for destination in dict.fromkeys((original, ours)):
                 if destination is not None:
                     found = sockdiag.lookup(peer, destination)
                     if found is not None:
@@ -245,24 +269,59 @@ class Resolver:
         return find_peer_socket(entries, peer, ours)
 
     def _holds(self, pid: int, link: str) -> bool:
-        fd_dir = os.path.join(self.proc, str(pid), "fd")
+        """Whether ``pid`` has ``link`` open; when it has, where its sockets are is kept."""
+        self.fd_scans += 1
+        sockets: dict[str, str] = {}
+        found = False
+        # links read relative to the open fd directory: no path walk through /proc per fd
         try:
-            names = os.listdir(fd_dir)
+            fd_dir = os.open(
+                os.path.join(self.proc, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
         except OSError:
             return False
-        for name in names:
-            try:
-                if os.readlink(os.path.join(fd_dir, name)) == link:
-                    return True
-            except OSError:
-                continue
-        return False
+        try:
+            for name in os.listdir(fd_dir):
+                try:
+                    target = os.readlink(name, dir_fd=fd_dir)
+                except OSError:
+                    continue
+                found = found or target == link
+                if target.startswith("socket:["):
+                    sockets[target] = name
+        except OSError:
+            return False
+        finally:
+            os.close(fd_dir)
+        if found:
+            self._keep_sockets(pid, sockets)
+        return found
+
+    def _keep_sockets(self, pid: int, sockets: dict[str, str]) -> None:
+        with self._lock:
+            kept = self._sockets
+            for link, name in sockets.items():
+                kept.pop(link, None)
+                kept[link] = (pid, name)
+            while len(kept) > self.remember_sockets:
+                del kept[next(iter(kept))]
+
+    def _still_holds(self, pid: int, name: str, link: str) -> bool:
+        try:
+            return os.readlink(os.path.join(self.proc, str(pid), "fd", name)) == link
+        except OSError:
+            return False
 
     def pid_of(self, inode: int) -> int | None:
-        """The pid of a process holding ``socket:[inode]`` (recent pids tried first)."""
+        """The pid of a process holding ``socket:[inode]`` (where it was seen last, then
+        recent pids, then every process)."""
         link = f"socket:[{inode}]"
-        with self._recent_lock:
+        with self._lock:
+            known = self._sockets.get(link)
             recent = list(reversed(self._recent))
+        if known is not None and self._still_holds(*known, link):
+            self._remember(known[0])
+            return known[0]
         for pid in recent:
             if self._holds(pid, link):
                 self._remember(pid)
@@ -281,7 +340,7 @@ class Resolver:
         return None
 
     def _remember(self, pid: int) -> None:
-        with self._recent_lock:
+        with self._lock:
             self._recent[pid] = None
             self._recent.move_to_end(pid)
             if len(self._recent) > self.remember:
@@ -290,8 +349,10 @@ class Resolver:
     def process(self, pid: int) -> tuple[str, int]:
         """The command (see :func:`command_name`) and effective gid of ``pid``
         ("" and -1 when unreadable)."""
-        argv = self._read(f"{pid}/cmdline").split("\0")
-        command = command_name(self._read(f"{pid}/comm").strip(), argv)
+        comm = self._read(f"{pid}/comm").strip()
+        # the arguments matter only for an interpreter (see command_name)
+        argv = self._read(f"{pid}/cmdline").split("\0") if INTERPRETERS.match(comm) else []
+        command = command_name(comm, argv)
         gid = -1
         for line in self._read(f"{pid}/status").splitlines():
             if line.startswith("Gid:"):
