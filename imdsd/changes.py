@@ -5,7 +5,8 @@ Kinds, keys and ops:
 - ``tags``: key = tag name; ``added`` / ``removed`` / ``modified`` (``fields == ["value"]``);
   old/new are the values. Read from ``tagsList`` when both sides have it, otherwise from
   ``tags`` (``"k1:v1;k2:v2"``, each pair split at its first ``:``, empty pairs ignored), and
-  when the sides share neither, each from the one it has.
+  when the sides share neither, each from the one it has. A repeated name's values compare
+  as a multiset (see ``_name_changes``).
 - ``disks``: ``lun:<n>`` (data disks), ``os`` (OS disk), ``resource`` (temp disk, none when
   its size is ``""`` or ``"0"``, unknown when it has no size); ``attached`` / ``detached`` /
   ``modified``; old/new are the disk objects as IMDS sent them.
@@ -42,6 +43,7 @@ result is ordered by kind (``frames.KINDS``) then key
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -85,13 +87,13 @@ def diff(old: Snapshot, new: Snapshot) -> list[Change]:
 
 def parse_tags(tags: str) -> dict[str, str]:
     """Parse the legacy ``tags`` string ``"k1:v1;k2:v2"`` (split at the first ``:``)."""
-    out: dict[str, str] = {}
-    for pair in tags.split(";"):
-        if not pair.strip():
-            continue
-        name, _, value = pair.partition(":")
-        out[name] = value
-    return out
+    return dict(_tag_pairs(tags))
+
+
+def _tag_pairs(tags: str) -> list[tuple[str, str]]:
+    return [
+        (name, value) for name, _, value in (p.partition(":") for p in tags.split(";") if p.strip())
+    ]
 
 
 def mac_key(mac: str) -> str:
@@ -221,10 +223,18 @@ def _str(item: Mapping[str, Any], key: str) -> str:
 # ---------------------------------------------------------------------------- instance kinds
 
 
-def _tags_of(compute: Raw, use_list: bool) -> dict[str, str]:
+def _tags_of(compute: Raw, use_list: bool) -> dict[str, list[str]]:
+    """Each tag name's values (several when the name repeats), sorted."""
     if use_list:
-        return {_str(t, "name"): _str(t, "value") for t in _items(compute, "tagsList") or []}
-    return parse_tags(_str(compute, "tags"))
+        pairs = [(_str(t, "name"), _str(t, "value")) for t in _items(compute, "tagsList") or []]
+    else:
+        pairs = _tag_pairs(_str(compute, "tags"))
+    out: dict[str, list[str]] = {}
+    for name, value in pairs:
+        out.setdefault(name, []).append(value)
+    for values in out.values():
+        values.sort()
+    return out
 
 
 def _tag_views(old: Raw, new: Raw) -> tuple[bool, bool] | None:
@@ -245,13 +255,35 @@ def _tag_changes(old: Raw, new: Raw) -> list[Change]:
     if views is None:
         return []
     a, b = _tags_of(old, views[0]), _tags_of(new, views[1])
-    out = [Change("tags", "removed", k, a[k], None) for k in a.keys() - b.keys()]
-    out += [Change("tags", "added", k, None, b[k]) for k in b.keys() - a.keys()]
-    out += [
-        Change("tags", "modified", k, a[k], b[k], ["value"])
-        for k in a.keys() & b.keys()
-        if a[k] != b[k]
-    ]
+    out: list[Change] = []
+    for name in a.keys() | b.keys():
+        out += _name_changes(name, a.get(name, []), b.get(name, []))
+    return out
+
+
+def _name_changes(name: str, old: list[str], new: list[str]) -> list[Change]:
+    """The changes of one tag name's values, compared as multisets (sorted lists).
+
+    Values on both sides cancel; what is left is paired in order (``modified``), the rest is
+    ``removed`` / ``added``. A name that repeats keys its leftovers ``name#<n>``, numbered
+    after the values that stayed, so a reorder is no change and one changed value is one change.
+    """
+    if old == new:
+        return []
+    kept = collections.Counter(old) & collections.Counter(new)
+    gone = sorted((collections.Counter(old) - kept).elements())
+    came = sorted((collections.Counter(new) - kept).elements())
+    same = kept.total()
+    out = []
+    for i in range(max(len(gone), len(came))):
+        slot = same + i + 1
+        key = name if slot == 1 else f"{name}#{slot}"
+        if i >= len(came):
+            out.append(Change("tags", "removed", key, gone[i], None))
+        elif i >= len(gone):
+            out.append(Change("tags", "added", key, None, came[i]))
+        else:
+            out.append(Change("tags", "modified", key, gone[i], came[i], ["value"]))
     return out
 
 

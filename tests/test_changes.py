@@ -160,6 +160,63 @@ def test_tags_list_keeps_separators_in_values() -> None:
     ]
 
 
+def tags_list(pairs: list[tuple[str, str]], *, legacy: bool = False) -> Raw:
+    """LINUX with these tags (in this order) as ``tagsList``, or only as the ``tags`` string."""
+
+    def edit(r: Raw) -> None:
+        if legacy:
+            r["compute"].pop("tagsList", None)
+            r["compute"]["tags"] = ";".join(f"{n}:{v}" for n, v in pairs)
+        else:
+            r["compute"]["tagsList"] = [{"name": n, "value": v} for n, v in pairs]
+
+    return edited(LINUX, edit)
+
+
+_TAG_PAIRS = st.lists(
+    st.tuples(st.sampled_from(["env", "owner", "x"]), st.sampled_from(["", "1", "2", "a:b"])),
+    max_size=6,
+)
+
+
+@given(pairs=_TAG_PAIRS, order=st.randoms(use_true_random=False), legacy=st.booleans())
+def test_reordered_tags_with_repeated_names_are_no_change(
+    pairs: list[tuple[str, str]], order: random.Random, legacy: bool
+) -> None:
+    shuffled = list(pairs)
+    order.shuffle(shuffled)
+    assert changes(tags_list(pairs, legacy=legacy), tags_list(shuffled, legacy=legacy)) == []
+
+
+@given(pairs=_TAG_PAIRS.filter(bool), at=st.integers(0, 5), order=st.randoms(use_true_random=False))
+def test_one_changed_value_of_a_repeated_name_is_one_change(
+    pairs: list[tuple[str, str]], at: int, order: random.Random
+) -> None:
+    name, value = pairs[at % len(pairs)]
+    edited_pairs = list(pairs)
+    edited_pairs[at % len(pairs)] = (name, value + "!")
+    order.shuffle(edited_pairs)
+    [change] = changes(tags_list(pairs), tags_list(edited_pairs))
+    assert (change.op, change.key.partition("#")[0], change.old, change.new) == (
+        "modified",
+        name,
+        value,
+        value + "!",
+    )
+
+
+def test_repeated_tag_names_keyed_by_occurrence() -> None:
+    two = tags_list([("env", "a"), ("env", "b")])
+    assert changes(two, tags_list([("env", "b"), ("env", "a")])) == []
+    assert changes(two, tags_list([("env", "b"), ("env", "c")])) == [
+        Change("tags", "modified", "env#2", "a", "c", ["value"])
+    ]
+    assert changes(two, tags_list([("env", "b")])) == [
+        Change("tags", "removed", "env#2", "a", None)
+    ]
+    assert changes(tags_list([("env", "b")]), two) == [Change("tags", "added", "env#2", None, "a")]
+
+
 def test_tags_api_version_switch_compares_common_form() -> None:
     with_list = edited(
         LINUX,
