@@ -400,3 +400,24 @@ async def test_a_failed_caller_lookup_is_an_unknown_caller_not_an_error(tmp_path
         )
     assert plain.status == 200
     assert restricted.status == 403
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        TOKEN + "&resource=https://management.azure.com/",
+        "/metadata/attested/document?api-version=2020-09-01",
+    ],
+)
+async def test_a_forwarded_head_keeps_imdss_content_length(tmp_path: Path, target: str) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        port = front_port(daemon)
+        direct = await call(emu.port, "HEAD", target, [MD])
+        ours = await call(port, "HEAD", target, [MD])
+        got = await call(port, "GET", target, [MD])
+    assert imdsd_headers(ours)["x-imdsd-source"] == "upstream"
+    assert (ours.status, ours.body) == (direct.status, b"")
+    length = ours.header("content-length")
+    assert length == direct.header("content-length")
+    assert length is not None and int(length) > 0
+    assert int(length) == len(got.body) or "token" in target  # a token's length varies

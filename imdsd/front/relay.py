@@ -95,8 +95,11 @@ class Gate:
         self.notify()
 
 
-def _passed_headers(response: UpstreamResponse) -> tuple[tuple[str, str], ...]:
-    kept = [(k.lower(), v) for k, v in response.headers if k.lower() not in _DROP_RESPONSE]
+def _passed_headers(response: UpstreamResponse, method: str) -> tuple[tuple[str, str], ...]:
+    """IMDS's end-to-end headers; to a HEAD, its ``Content-Length`` too (the body it would
+    have sent is not there to be measured)."""
+    drop = _DROP_RESPONSE - {"content-length"} if method == "HEAD" else _DROP_RESPONSE
+    kept = [(k.lower(), v) for k, v in response.headers if k.lower() not in drop]
     return (*kept, ("x-imdsd-source", "upstream"))
 
 
@@ -169,7 +172,11 @@ class Relay:
         content_type = response.header("content-type") or JSON_TYPE
         result = "throttled" if response.status == 429 else "forwarded"
         return Answer(
-            response.status, response.body, content_type, _passed_headers(response), result
+            response.status,
+            response.body,
+            content_type,
+            _passed_headers(response, request.method),
+            result,
         )
 
     async def _shared_token(self, target: str, deadline: float) -> Answer | None:

@@ -35,6 +35,7 @@ log = structlog.get_logger("imdsd.front")
 FD_NAME: Final = "front"
 MAX_CONNECTIONS: Final = 1024  # agents hold few connections each; beyond this, 503
 TOP_CALLERS: Final = 10
+MAX_HEAD_LENGTH: Final = 1 << 20  # the longest IMDS answer the upstream client reads
 LIMITS: Final = ServerLimits(
     max_head=16384, max_body=65536, idle_timeout=60.0, request_timeout=10.0, drain_timeout=1.0
 )
@@ -93,6 +94,20 @@ def original_destination(sock: Any) -> Address | None:
     except OSError:  # not redirected (ENOENT), or no conntrack here
         return None
     return None
+
+
+def _framed(answer: Answer, head_only: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The response headers and body of ``answer``. A forwarded HEAD carries IMDS's own
+    ``Content-Length``: it stands for a body of that length, which HEAD leaves out."""
+    out = [(b"content-type", answer.content_type.encode("latin-1"))]
+    body = answer.body
+    for name, value in answer.headers:
+        if name == "content-length":
+            if head_only and not body and value.isdigit() and int(value) <= MAX_HEAD_LENGTH:
+                body = bytes(int(value))  # sized only: HEAD sends no body
+            continue
+        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    return out, body
 
 
 def _address(name: Any) -> Address | None:
@@ -193,9 +208,8 @@ class FrontServer(HttpService):
         self.results[answer.result] += 1
         kind = _COUNTED[answer.result]
         setattr(counts, kind, getattr(counts, kind) + 1)
-        out = [(b"content-type", answer.content_type.encode("latin-1"))]
-        out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
-        await responder.send(answer.status, out, answer.body)
+        out, body = _framed(answer, responder.head_only)
+        await responder.send(answer.status, out, body)
 
     def status(self) -> dict[str, Any]:
         """The front's part of ``/v1/health``: listeners, results, queue and top callers."""
