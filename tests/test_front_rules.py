@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import msgspec
 import pytest
 
 from imdsd.emulator.profiles import AZURE
 from imdsd.emulator.rules import RequestRules
+from imdsd.filtering import split_path
 from imdsd.front.rules import (
     Endpoint,
     Refusal,
@@ -117,3 +120,48 @@ def test_absolute_form_targets() -> None:
     assert origin_form("http://169.254.169.254") == "/"
     assert origin_form("/metadata/instance?x=1") == "/metadata/instance?x=1"
     assert classify("/metadata/instance/")[0] is Endpoint.INSTANCE
+
+
+UD = "api-version=2021-02-01&format=text"
+USER_DATA = "/metadata/instance/compute/userData"
+SPELLINGS = [
+    f"/METADATA/INSTANCE/compute/userData?{UD}",
+    f"/metadata/Instance/compute/userData?{UD}",
+    f"/Metadata/instance/compute/userData?{UD}",
+    f"/metadata/x/../instance/compute/userData?{UD}",
+    f"/metadata/instance/compute/x/../userData?{UD}",
+    f"/metadata/instance/compute/./userData?{UD}",
+    f"/metadata/instance/compute/x/%2e%2e/userData?{UD}",
+    f"/metadata/instance/compute/x/%2E./userData?{UD}",
+    f"/metadata/instance/compute/x%2F..%2FuserData?{UD}",
+    f"/metadata/instance/compute/x%5C..%5CuserData?{UD}",
+    f"/metadata/instance/compute%2FuserData?{UD}",
+    f"%2Fmetadata%2Finstance%2Fcompute%2FuserData?{UD}",
+    f"/metadata/instance/compute/%75serData?{UD}",
+    f"/metadata/%69nstance/compute/userData?{UD}",
+    f"//metadata//instance//compute//userData?{UD}",
+    f"/metadata/instance/compute/userData/?{UD}",
+    f"http://169.254.169.254/metadata/x/../instance/compute/userData?{UD}",
+    f"/metadata/instance/compute/userData%FF?{UD}",
+]
+
+
+@pytest.mark.parametrize("target", SPELLINGS)
+def test_every_spelling_of_a_path_is_judged_as_what_is_forwarded(target: str) -> None:
+    """Refused as IMDS refuses a bad path, or routed to the instance route the access check
+    sees, with the canonical target (never the raw one) to forward."""
+    for method in ("GET", "HEAD"):
+        routed = check(method, target, MD, VERSIONS)
+        decoded = unquote(origin_form(target).partition("?")[0]).replace("\\", "/")
+        if {".", ".."} & set(decoded.split("/")) or "%FF" in target:
+            assert isinstance(routed, Refusal)
+            assert routed.status == (404 if "." in decoded else 400)
+            assert set(msgspec.json.decode(routed.body)) == {"error"}
+            continue
+        assert isinstance(routed, Routed)
+        assert routed.endpoint is Endpoint.INSTANCE
+        assert routed.segments == ["compute", "userData"]
+        path, _, query = routed.target.partition("?")
+        assert path.lower().startswith(USER_DATA.lower())
+        assert split_path(unquote(path)) == ["metadata", "instance", *routed.segments]
+        assert query == UD

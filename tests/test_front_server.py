@@ -16,6 +16,7 @@ import pytest
 import trio
 from daemon_support import daemon, emulator, write_config
 from emulator_support import Emulator
+from test_front_rules import SPELLINGS
 
 from imdsd import httpio
 from imdsd.api.server import ListenError
@@ -221,6 +222,24 @@ async def test_restricted_paths_by_the_callers_uid(tmp_path: Path) -> None:
     assert counts == [5, 2, 1, 2]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run an agent as another uid")
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"no {SYSTEM_PYTHON}")
+async def test_no_spelling_of_a_restricted_path_gets_past_the_access_check(tmp_path: Path) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        await emu.control("PATCH", "instance", {"compute": {"userData": "c2VjcmV0"}})
+        with trio.fail_after(10):
+            while instance_raw(daemon)["compute"].get("userData") != "c2VjcmV0":
+                await trio.sleep(0.05)
+        port = front_port(daemon)
+        nobody = await agent(port, *SPELLINGS)
+        root = await call(port, "GET", SPELLINGS[0], [MD])
+    for target, (status, body) in zip(SPELLINGS, nobody, strict=True):
+        assert status in (400, 403, 404), (target, status, body)
+        assert "c2VjcmV0" not in body
+        assert set(msgspec.json.decode(body)) == {"error"}
+    assert (root.status, root.body) == (200, b"c2VjcmV0")
+
+
 def instance_raw(daemon: Daemon) -> dict[str, Any]:
     snapshot = daemon.keeper.snapshot
     assert snapshot is not None
@@ -419,5 +438,6 @@ async def test_a_forwarded_head_keeps_imdss_content_length(tmp_path: Path, targe
     assert (ours.status, ours.body) == (direct.status, b"")
     length = ours.header("content-length")
     assert length == direct.header("content-length")
-    assert length is not None and int(length) > 0
+    assert length is not None
+    assert int(length) > 0
     assert int(length) == len(got.body) or "token" in target  # a token's length varies

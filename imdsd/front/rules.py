@@ -16,6 +16,12 @@ IMDS's order and returns either a :class:`Refusal` (status, IMDS's JSON body, he
 
 Everything else (identity, attested, unknown paths, an api-version the cache cannot serve)
 is IMDS's to judge: it is forwarded and IMDS's own answer is passed on.
+
+Paths are judged in one canonical form: percent-decoded, split into non-empty segments, a
+dot segment (``.``, ``..``, also encoded or behind a backslash) refused with IMDS's 404, the
+``/metadata/<endpoint>`` prefix matched without regard to case. The access check and the
+cache see those segments, and a forwarded request carries the target rebuilt from them
+(:attr:`Routed.target`), never the raw one: what is checked is what IMDS is asked.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import msgspec
 
@@ -35,6 +41,9 @@ TOO_MANY_REQUESTS = imdsrules.TOO_MANY_REQUESTS
 SERVICE_ERROR = "Internal server error"
 LOADBALANCER_MIN = "2020-10-01"
 JSON_TYPE = "application/json; charset=utf-8"
+BAD_PATH = "Bad request. The path is not valid UTF-8"
+_SEGMENT_SAFE = "!$&'()*+,;=:@"  # RFC 3986 pchar, besides the unreserved characters
+_DOTS = frozenset({".", ".."})
 
 
 class Endpoint(enum.StrEnum):
@@ -78,6 +87,8 @@ class Routed:
     segments: list[str]
     api_version: str | None
     query: dict[str, str] = field(default_factory=dict)
+    target: str = ""
+    """The canonical origin-form target (the one forwarded): see the module docstring."""
 
     @property
     def forwarded(self) -> bool:
@@ -107,15 +118,40 @@ def origin_form(target: str) -> str:
 
 def classify(path: str) -> tuple[Endpoint, list[str]]:
     """The endpoint of a percent-decoded path and its route segments (instance only)."""
-    segments = split_path(path)
-    if segments[:2] == ["metadata", "instance"]:
+    return _endpoint(split_path(path))
+
+
+def _endpoint(segments: list[str]) -> tuple[Endpoint, list[str]]:
+    head = tuple(segment.lower() for segment in segments[:2])
+    if head == ("metadata", "instance"):
         return Endpoint.INSTANCE, segments[2:]
-    fixed = _FIXED.get(tuple(segments))
-    if fixed is not None:
-        return fixed, []
-    if segments[:2] == ["metadata", "identity"]:
+    if len(segments) == 2 and head in _FIXED:
+        return _FIXED[head], []
+    if head == ("metadata", "identity"):
         return Endpoint.IDENTITY, []
     return Endpoint.OTHER, []
+
+
+def canonical_segments(raw_path: str) -> list[str] | Refusal:
+    """The decoded, non-empty segments of a raw path, or IMDS's refusal of it (a dot
+    segment: 404; bytes that are not UTF-8: 400)."""
+    try:
+        segments = split_path(unquote(raw_path, errors="strict"))
+    except UnicodeDecodeError:
+        return Refusal("path", 400, error_body(BAD_PATH))
+    for segment in segments:
+        if segment in _DOTS or ("\\" in segment and not _DOTS.isdisjoint(segment.split("\\"))):
+            return Refusal("path", 404, error_body(imdsrules.NOT_FOUND))
+    return segments
+
+
+def canonical_target(endpoint: Endpoint, segments: list[str], raw_query: str) -> str:
+    """The origin-form target rebuilt from checked ``segments`` (a known endpoint's prefix
+    in lower case), with the query as it came."""
+    if endpoint is not Endpoint.OTHER:
+        segments = [segment.lower() for segment in segments[:2]] + segments[2:]
+    path = "/" + "/".join(quote(segment, safe=_SEGMENT_SAFE) for segment in segments)
+    return f"{path}?{raw_query}" if raw_query else path
 
 
 def newest_versions(endpoint: Endpoint, available: Iterable[str], count: int = 3) -> list[str]:
@@ -137,11 +173,15 @@ def check(
     pairs = imdsrules.check_headers_and_query(headers, raw_query)
     if isinstance(pairs, imdsrules.Rejection):
         return refusal(pairs)
-    endpoint, segments = classify(unquote(raw_path))
+    canonical = canonical_segments(raw_path)
+    if isinstance(canonical, Refusal):
+        return canonical
+    endpoint, segments = _endpoint(canonical)
     if method == "HEAD" and endpoint in CACHED:
         method = "GET"  # the HTTP server leaves the body out
     query = dict(pairs)
-    routed = Routed(endpoint, method, segments, query.get("api-version"), query)
+    target = canonical_target(endpoint, canonical, raw_query)
+    routed = Routed(endpoint, method, segments, query.get("api-version"), query, target)
     if endpoint not in CACHED:
         return routed
     allowed = imdsrules.allowed_methods(endpoint is Endpoint.SCHEDULED_EVENTS)

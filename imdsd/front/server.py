@@ -24,7 +24,7 @@ from imdsd.config import FrontConfig
 from imdsd.front.cache import Answer, CacheAnswers, redact_forwarded
 from imdsd.front.callers import UNKNOWN, Address, Caller, CallerStats, Resolver
 from imdsd.front.relay import Relay
-from imdsd.front.rules import Refusal, check, origin_form
+from imdsd.front.rules import Refusal, check
 from imdsd.httpio import HttpServer, Request, Responder, ServerLimits
 from imdsd.httpio.listeners import HttpService, open_tcp_setting
 from imdsd.upstream.budget import Budget
@@ -174,8 +174,7 @@ class FrontServer(HttpService):
         counts = self.stats.counts(caller)
         counts.requests += 1
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
-        target = origin_form(request.target)
-        verdict = check(request.method, target, headers, self.cache.known_versions())
+        verdict = check(request.method, request.target, headers, self.cache.known_versions())
         answer: Answer | None
         if isinstance(verdict, Refusal):
             answer = Answer(
@@ -198,7 +197,7 @@ class FrontServer(HttpService):
                 answer = await self.relay.forward(
                     verdict,
                     caller=(caller.uid, caller.pid),
-                    target=target,
+                    target=verdict.target,  # canonical: what was checked, never the raw one
                     headers=headers,
                     body=request.body,
                     on_queued=queued,
