@@ -101,6 +101,33 @@ def _listen(value: str) -> str:
     return value
 
 
+LOOPBACK_HINT = (
+    'must be a loopback address like "127.0.0.1:169" (127.0.0.0/8, [::1] or localhost): '
+    "IMDS is never reachable from the network"
+)
+
+
+def listen_is_loopback(listen: str) -> bool:
+    """Whether a valid ``HOST:PORT`` names only this machine: ``127.0.0.0/8``, ``[::1]`` or
+    ``localhost``."""
+    host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _front_listen(value: str) -> str:
+    """``_listen``, and loopback only: IMDS (and so the front, which hands out managed-identity
+    tokens) is reachable from the VM itself, never from the network."""
+    _listen(value)
+    if value and not listen_is_loopback(value):
+        raise Invalid(LOOPBACK_HINT)
+    return value
+
+
 def _is_ip(text: str, version: int) -> bool:
     try:
         return ipaddress.ip_address(text).version == version
@@ -230,10 +257,30 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class FrontConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``[front]``: the optional IMDS-compatible TCP front for unmodified agents."""
 
-    listen: Annotated[str, Str(check=_listen)] = ""
+    listen: Annotated[str, Str(check=_front_listen)] = ""
     redirect: Annotated[bool, Bool()] = False
     queue_timeout: Annotated[float, Duration(ceiling=60.0)] = 5.0
     token_cache: Annotated[bool, Bool()] = True
+
+    def __post_init__(self) -> None:
+        """With ``redirect``, the port must be one only root can bind: else any local user who
+        binds it first (or while imdsd is down) would receive every agent's IMDS traffic."""
+        if self.redirect and self.listen and not port_is_privileged(self.listen):
+            raise Invalid(
+                "with redirect = true the port must be below 1024 (only root can bind it), "
+                'like "127.0.0.1:169"',
+                "front.listen",
+                self.listen,
+            )
+
+
+PRIVILEGED_PORTS = 1024
+"""Ports below this only root (CAP_NET_BIND_SERVICE) can bind."""
+
+
+def port_is_privileged(listen: str) -> bool:
+    """Whether the port of a valid ``HOST:PORT`` is one only root can bind."""
+    return int(listen.rpartition(":")[2]) < PRIVILEGED_PORTS
 
 
 class HooksConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -410,6 +410,15 @@ _segment = st.from_regex(r"[A-Za-z0-9]{1,8}", fullmatch=True)
 _restricted = st.lists(_segment, min_size=1, max_size=3).map("/".join)
 
 _listens = st.sampled_from(["", "127.0.0.1:9469", "[::1]:8169", "localhost:1", "0.0.0.0:65535"])
+_front_listens = st.sampled_from(
+    ["", "127.0.0.1:169", "[::1]:8169", "localhost:1", "127.9.0.1:65535"]
+)
+
+
+def _front(listen: str, redirect: bool, queue_timeout: float, token_cache: bool) -> FrontConfig:
+    redirect = redirect and (not listen or int(listen.rpartition(":")[2]) < 1024)
+    return FrontConfig(listen, redirect, queue_timeout, token_cache)
+
 
 _configs = st.builds(
     Config,
@@ -470,8 +479,8 @@ _configs = st.builds(
     ),
     metrics=st.builds(MetricsConfig, listen=_listens),
     front=st.builds(
-        FrontConfig,
-        listen=_listens,
+        _front,
+        listen=_front_listens,
         redirect=st.booleans(),
         queue_timeout=st.floats(min_value=0.001, max_value=60),
         token_cache=st.booleans(),
@@ -544,6 +553,68 @@ def test_check_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"imdsd: {path}: imds.max_requests_per_second = 10: must be > 0 and <= 4\n"
+
+
+# --- [front] listen: loopback only, and a port only root can bind with the redirect ------------
+
+
+@settings(deadline=None)
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(1, 65535))
+def test_front_listen_is_loopback_only(address: object, port: int) -> None:
+    """A front reachable from the network would hand managed-identity tokens to it."""
+    host = f"[{address}]" if ":" in str(address) else str(address)
+    text = f'[front]\nlisten = "{host}:{port}"\n'
+    loopback = str(address).startswith("127.") or str(address) == "::1"
+    if loopback:
+        assert parse_config(text, SRC).front.listen == f"{host}:{port}"
+    else:
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, SRC)
+        assert str(info.value) == (
+            f'{SRC}: front.listen = "{host}:{port}": must be a loopback address like '
+            '"127.0.0.1:169" (127.0.0.0/8, [::1] or localhost): '
+            "IMDS is never reachable from the network"
+        )
+
+
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "[::]", "example.com", "10.0.0.4", "[::ffff:127.0.0.1]"]
+)
+def test_front_listen_refuses_wildcards_and_names(host: str) -> None:
+    with pytest.raises(ConfigError, match=r'front.listen = ".*": must be a loopback address'):
+        parse_config(f'[front]\nlisten = "{host}:169"\n', SRC)
+    assert parse_config('[front]\nlisten = "LocalHost:169"\n', SRC).front.listen
+
+
+@settings(deadline=None)
+@given(st.integers(1, 65535), st.sampled_from(["127.0.0.1", "[::1]", "localhost"]))
+def test_front_redirect_needs_a_port_only_root_can_bind(port: int, host: str) -> None:
+    """Else any user who binds the port first (or while imdsd is down) gets the agents'
+    IMDS traffic through the redirect."""
+    listen = f"{host}:{port}"
+    assert parse_config(f'[front]\nlisten = "{listen}"\n', SRC).front.listen == listen
+    text = f'[front]\nlisten = "{listen}"\nredirect = true\n'
+    if port < 1024:
+        assert parse_config(text, SRC).front.redirect
+    else:
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, SRC)
+        assert str(info.value) == (
+            f'{SRC}: front.listen = "{listen}": with redirect = true the port must be below '
+            '1024 (only root can bind it), like "127.0.0.1:169"'
+        )
+    assert parse_config("[front]\nredirect = true\n", SRC).front.redirect  # socket activation
+
+
+def test_check_config_front_redirect_on_a_user_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "front.toml"
+    path.write_text('[front]\nlisten = "127.0.0.1:8169"\nredirect = true\n')
+    assert check_config_command(argparse.Namespace(config=str(path))) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f'imdsd: {path}: front.listen = "127.0.0.1:8169": with redirect')
 
 
 def test_check_config_missing_explicit_file(
