@@ -17,7 +17,10 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from daemon_support import emulator
 from emulator_support import start_emulator
+from structlog.testing import capture_logs
+from test_front_server import front_daemon, front_port
 
 from imdsd import __version__, httpio
 from imdsd.api.metrics import Metrics
@@ -32,6 +35,7 @@ from imdsd.upstream.client import (
     TooLarge,
     build_target,
 )
+from imdsd.upstream.errors import LOOP_MESSAGE, ThroughFront
 from imdsd.upstream.retry import Decision, Outcome, Retry, RetryPolicy
 
 # ---------------------------------------------------------------------------- helpers
@@ -549,3 +553,93 @@ async def test_a_connection_closed_while_the_front_waits_is_reopened_in_the_same
         assert head.split(b"\r\n") == [b"GET /x?b=1&b=2 HTTP/1.1", b"Host: 127.0.0.1:9",
                                        b"Metadata: true"]  # fmt: skip
     await client.aclose()
+
+
+# ---------------------------------------------------------------------------- loops into a front
+
+# what an imdsd front adds to its answers (imdsd/front: cache, server, relay)
+FRONT_ANSWERS: list[tuple[int, list[tuple[bytes, bytes]]]] = [
+    (200, [(b"x-imdsd-source", b"cache"), (b"x-imdsd-revision", b"3")]),
+    (200, [(b"x-imdsd-source", b"cache"), (b"x-imdsd-stale", b"true")]),
+    (400, [(b"x-imdsd-source", b"front")]),
+    (403, [(b"x-imdsd-source", b"front")]),
+    (200, [(b"x-imdsd-source", b"upstream")]),
+    (429, [(b"x-imdsd-source", b"queue")]),
+    (500, [(b"x-imdsd-source", b"upstream"), (b"x-imdsd-error", b"connect failed")]),
+    (200, [(b"x-imdsd-source", b"token-cache")]),
+    (200, [(b"X-Imdsd-Fetched-At", b"2026-01-01T00:00:00Z")]),
+]  # fmt: skip
+
+
+@dataclass
+class FakeFront:
+    """Answers like an imdsd front (``X-Imdsd-*`` headers) until ``front`` is switched off."""
+
+    status: int
+    extra: list[tuple[bytes, bytes]]
+    front: bool = True
+    port: int = 0
+
+    async def handle(self, request: httpio.Request, responder: httpio.Responder) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if self.front:
+            await responder.send(self.status, headers + self.extra, b"{}")
+        else:
+            await responder.send(200, headers, msgspec.json.encode(INSTANCE_DOC))
+
+
+INSTANCE_DOC: dict[str, Any] = {"compute": {"vmSize": "Standard_LOOPTEST"}, "network": {}}
+
+
+@pytest.mark.parametrize(("status", "extra"), FRONT_ANSWERS)
+async def test_an_answer_from_an_imdsd_front_is_a_loop_error_never_data(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    status: int,
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    fake = FakeFront(status, extra)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(httpio.HttpServer(fake.handle).serve, listeners)
+    client = make_client(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    with capture_logs() as logs:
+        for _ in range(3):
+            with pytest.raises(ThroughFront, match="imdsd's own front") as raised:
+                await client.get("/metadata/instance", {"api-version": "2021-02-01"})
+            assert raised.value.kind == "protocol"
+            assert client.open_connections == 0  # a looped connection is never reused
+        with pytest.raises(ThroughFront):
+            await client.forward(
+                "GET", "/metadata/identity/oauth2/token?api-version=2018-02-01", [], b"",
+                acquire=trio.lowlevel.checkpoint, lane="front",
+            )  # fmt: skip
+        seen: list[Outcome] = []
+        with pytest.raises(GaveUp) as gave_up:
+            await client.fetch(
+                "instance",
+                policy=RetryPolicy(deadline=3.0),
+                observer=lambda outcome, _: seen.append(outcome),
+            )
+        assert gave_up.value.outcome.error == "protocol"
+        assert gave_up.value.outcome.message == LOOP_MESSAGE
+        assert len(seen) >= 2  # retried with backoff, as a broken answer
+        fake.front = False
+        fetched = await client.fetch("instance")
+        assert msgspec.json.decode(fetched.body) == INSTANCE_DOC
+    events = [e["event"] for e in logs if e["event"].startswith("upstream loop")]
+    assert events == ["upstream loop", "upstream loop gone: IMDS answers directly"]
+    assert next(e for e in logs if e["event"] == "upstream loop")["error"] == LOOP_MESSAGE
+    await client.aclose()
+
+
+async def test_a_real_front_as_the_endpoint_gives_errors_not_its_cache(tmp_path: Any) -> None:
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        await emu.control("PATCH", "instance", {"compute": {"vmSize": "Standard_LOOPTEST"}})
+        client = make_client(f"http://127.0.0.1:{front_port(daemon)}")
+        for target in ("/metadata/instance", "/metadata/versions", "/metadata/nothing"):
+            with pytest.raises(ThroughFront):
+                await client.get(target, {"api-version": "2021-02-01"})
+        with pytest.raises(GaveUp) as gave_up:
+            await client.fetch("instance", policy=RetryPolicy(deadline=1.0, base=0.1))
+        assert gave_up.value.outcome.message == LOOP_MESSAGE
+        await client.aclose()

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from imdsd.upstream.retry import ErrorKind, Outcome
 
+LOOP_MESSAGE = (
+    "IMDS answered through imdsd's own front: the redirect does not exempt imdsd's"
+    " upstream traffic (packet mark changed?)"
+)
+
 
 class UpstreamError(Exception):
     """Base of every error of the upstream client."""
@@ -40,6 +45,17 @@ class ProtocolError(TransportError):
     """The server broke HTTP/1.1."""
 
     kind = "protocol"
+
+
+class ThroughFront(ProtocolError):
+    """The answer came from an imdsd front (it carries ``X-Imdsd-*`` headers), not from IMDS.
+
+    imdsd's own upstream connection was caught by the redirect and looped into a front
+    (its own, or another imdsd's): the answer is imdsd's cache, never IMDS's data.
+    """
+
+    def __init__(self, message: str = LOOP_MESSAGE) -> None:
+        super().__init__(message)
 
 
 class TooLarge(TransportError):

@@ -10,23 +10,29 @@
 - ``connect_timeout`` bounds connecting, ``read_timeout`` (or a per-request timeout) the
   whole exchange; answers over ``max_body`` (1 MiB) are refused and their connection dropped.
 - trio/h11 failures become :class:`~imdsd.upstream.errors.TransportError` subclasses here.
+- An answer carrying an ``X-Imdsd-*`` header came from an imdsd front, not IMDS (the
+  redirect caught this connection): it is :class:`~imdsd.upstream.errors.ThroughFront`,
+  never data, and the change into and out of that state is logged once each.
 """
 
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
+import structlog
 import trio
 
 from imdsd import httpio
 from imdsd.config import ImdsConfig
 from imdsd.netmark import open_marked_tcp
 from imdsd.upstream.errors import (
+    LOOP_MESSAGE,
     ConnectError,
     ProtocolError,
     Reset,
+    ThroughFront,
     Timeout,
     TooLarge,
     TransportError,
@@ -35,6 +41,9 @@ from imdsd.upstream.messages import Outbound, UpstreamResponse
 from imdsd.upstream.report import RequestMetrics
 
 MAX_BODY: Final = 1 << 20
+FRONT_HEADER_PREFIX: Final = b"x-imdsd-"
+
+log = structlog.get_logger("imdsd.upstream")
 
 Acquire = Callable[[], Awaitable[None]]
 """Waits for the slot a request may start in (the budget's, or the IMDS front's)."""
@@ -46,6 +55,11 @@ _ERRORS: Final[dict[type[httpio.HttpIOError], type[TransportError]]] = {
     httpio.ProtocolViolation: ProtocolError,
     httpio.BodyTooLarge: TooLarge,
 }
+
+
+def from_front(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """True when an answer carries an ``X-Imdsd-*`` header: an imdsd front sent it."""
+    return any(name.lower().startswith(FRONT_HEADER_PREFIX) for name, _ in headers)
 
 
 def mapped(exc: httpio.HttpIOError) -> TransportError:
@@ -78,6 +92,7 @@ class Pool:
         self.sent = 0
         self._connections: dict[str, httpio.ClientConnection] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self.looped = False
 
     async def exchange(
         self, lane: str, out: Outbound, acquire: Acquire, *, same_slot: bool = False
@@ -104,6 +119,12 @@ class Pool:
                 self._count(lane, None)
                 await self._drop(lane)
                 raise mapped(exc) from exc
+            if from_front(response.headers):
+                self._count(lane, None)
+                await self._drop(lane)
+                self._loop_state(lane, looped=True)
+                raise ThroughFront()
+            self._loop_state(lane, looped=False)
             self._count(lane, response.status)
             if not conn.reusable:
                 await self._drop(lane)
@@ -126,6 +147,15 @@ class Pool:
                 break
             await acquire()  # the slot waited for is spent
         return conn
+
+    def _loop_state(self, lane: str, *, looped: bool) -> None:
+        if looped == self.looped:
+            return
+        self.looped = looped
+        if looped:
+            log.error("upstream loop", lane=lane, endpoint=self.host_header, error=LOOP_MESSAGE)
+        else:
+            log.info("upstream loop gone: IMDS answers directly", lane=lane)
 
     def _count(self, lane: str, status: int | None) -> None:
         if self.metrics is not None:
