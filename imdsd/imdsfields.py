@@ -12,7 +12,9 @@ the compute fields of its 2018-10-01 and 2020-06-01 descriptions are kept in
 those versions, apart from ``customData`` and data disks' ``encryptionSettings``, which the
 documentation lists and the description leaves out). ``physicalZone`` has no version there
 (rolling out); 2023-11-15 is assumed.
-Fields of the first versions (2017-03-01/04-02) have no entry and are always served.
+Fields of the first versions (2017-03-01/04-02) have no entry and are always served; the
+containers' children of those versions are listed (the network part is all of that age) so
+that a field IMDS adds later and this table does not know is found (:func:`unknown_paths`).
 Scheduled Events has its own track (the "Version and region availability" table of its
 page): ``Description`` came with 2019-04-01, ``EventSource`` with 2019-08-01,
 ``DurationInSeconds`` with 2020-07-01. The attested document's ``licenseType`` came with
@@ -84,6 +86,12 @@ _BASE_CHILDREN: Mapping[str, frozenset[str]] = {
             "managedDisk", "name", "vhd", "writeAcceleratorEnabled",
         }
     ),
+    "network": frozenset({"interface"}),
+    "network.interface.*": frozenset({"ipv4", "ipv6", "macAddress"}),
+    "network.interface.*.ipv4": frozenset({"ipAddress", "subnet"}),
+    "network.interface.*.ipv4.ipAddress.*": frozenset({"privateIpAddress", "publicIpAddress"}),
+    "network.interface.*.ipv4.subnet.*": frozenset({"address", "prefix"}),
+    "network.interface.*.ipv6": frozenset({"ipAddress"}),
 }  # fmt: skip
 
 # Field of one scheduled event -> first api-version (of the Scheduled Events track).
@@ -122,6 +130,30 @@ def _nodes(document: Any, dotted: str) -> list[Any]:
                 found.append(node[part])
         nodes = found
     return nodes
+
+
+def _located(document: Any, dotted: str) -> list[tuple[tuple[str, ...], Any]]:
+    """Every node at ``dotted`` with its path (``*`` gives each array element's index)."""
+    located: list[tuple[tuple[str, ...], Any]] = [((), document)]
+    for part in dotted.split(".") if dotted else []:
+        found: list[tuple[tuple[str, ...], Any]] = []
+        for path, node in located:
+            if part == "*" and isinstance(node, list):
+                found.extend(((*path, str(i)), item) for i, item in enumerate(node))
+            elif isinstance(node, dict) and part in node:
+                found.append(((*path, part), node[part]))
+        located = found
+    return located
+
+
+def unknown_paths(document: Any) -> list[tuple[str, ...]]:
+    """Paths (keys and array indexes, as route segments) of the fields of unknown age."""
+    found: set[tuple[str, ...]] = set()
+    for container, known in KNOWN_CHILDREN.items():
+        for path, node in _located(document, container):
+            if isinstance(node, dict):
+                found.update((*path, str(key)) for key in node if key not in known)
+    return sorted(found)
 
 
 def unknown_fields(document: Any) -> list[str]:
