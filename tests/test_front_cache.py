@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from test_api_support import FETCHED, FakeContext, full_snapshot, started_context
+from test_api_support import FETCHED, FakeContext, full_snapshot, instance_doc, started_context
 
 from imdsd.api.access import AccessPolicy, Peer
 from imdsd.api.context import Freshness
@@ -214,3 +214,64 @@ def test_lasting_refusals_are_remembered_while_they_hold() -> None:
     assert cache.learned(lb) is None
     cache.learn(get(Endpoint.IDENTITY, "2018-02-01"), refused)  # only cached endpoints
     assert cache.learned(get(Endpoint.IDENTITY, "2018-02-01")) is None
+
+
+def _unknown_in(where: str) -> CacheAnswers:
+    """Answers over the golden instance with a field of unknown age in compute and/or network."""
+    doc = instance_doc()
+    if where in ("compute", "both"):
+        doc["compute"]["zzNew"] = "x"
+    if where in ("network", "both"):
+        doc["network"]["interface"][0]["zzNew"] = "y"
+    ctx = FakeContext()
+    ctx.apply(full_snapshot(doc))
+    return answers(ctx)
+
+
+# Read path, format; forwarded with the unknown field in compute, with it in network.
+UNKNOWN_AGE_READS: list[tuple[str, str | None, bool, bool]] = [
+    ("", None, True, True),
+    ("", "text", False, False),  # lists compute/ and network/ only
+    ("compute", None, True, False),
+    ("compute", "text", True, False),  # lists zzNew
+    ("compute/vmSize", "text", False, False),
+    ("compute/vmSize", None, False, False),  # IMDS's 400 for json on a leaf
+    ("compute/zzNew", "text", True, False),
+    ("compute/ZZNEW", "text", True, False),
+    ("compute/zzNew/below", None, True, False),
+    ("compute/storageProfile", None, False, False),
+    ("compute/storageProfile/osDisk", "text", False, False),
+    ("compute/absent", None, False, False),  # IMDS's 404
+    ("compute/tagsList", None, False, False),  # newer than the version: 404
+    ("network", None, False, True),
+    ("network", "text", False, False),
+    ("network/interface", None, False, True),
+    ("network/interface", "text", False, False),  # lists 0/
+    ("network/interface/0", None, False, True),
+    ("network/interface/0", "text", False, True),  # lists zzNew
+    ("network/interface/0/zzNew", "text", False, True),
+    ("network/interface/0/ipv4", None, False, False),
+    ("network/interface/0/macAddress", "text", False, False),
+    ("network/interface/1", None, False, False),  # IMDS's 404
+]
+
+
+@pytest.mark.parametrize("where", ["compute", "network", "both"])
+@pytest.mark.parametrize(("path", "fmt", "in_compute", "in_network"), UNKNOWN_AGE_READS)
+def test_a_field_of_unknown_age_forwards_only_the_reads_that_show_it(
+    where: str, path: str, fmt: str | None, in_compute: bool, in_network: bool
+) -> None:
+    """At an older api-version, a read is forwarded only when the field of unknown age lies
+    in what was asked for (or on the way to it); every other read is answered from the cache,
+    exactly as from a document without that field. At the polled version all are cached."""
+    forwarded = {"compute": in_compute, "network": in_network, "both": in_compute or in_network}
+    query = {} if fmt is None else {"format": fmt}
+    for peer in (ROOT, AGENT):
+        older = get(Endpoint.INSTANCE, "2020-09-01", *path.split("/") if path else [], **query)
+        answer = _unknown_in(where).answer(older, peer)
+        assert (answer is None) == forwarded[where]
+        if answer is not None:
+            assert answer.result == "cached"
+            assert answer == _unknown_in("nowhere").answer(older, peer)
+        polled = Routed(Endpoint.INSTANCE, "GET", older.segments, "2021-02-01", query)
+        assert _unknown_in(where).answer(polled, peer) is not None

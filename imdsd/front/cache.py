@@ -4,8 +4,9 @@
 ``/metadata/scheduledevents`` and ``/metadata/loadbalancer`` GETs from the current snapshot,
 or returns None when the cache cannot give exactly what IMDS would (nothing cached yet, the
 api-version imdsd polls with is unknown, the caller's api-version is not one IMDS lists for
-the endpoint or is newer than the polled one, a field of unknown age, the load balancer's
-404): the request is then forwarded. Route filtering and ``format`` are IMDS's
+the endpoint or is newer than the polled one, an older one and a field of unknown age in what
+was asked for (:meth:`imdsd.front.shaping.Shaped.exact`), the load balancer's 404): the
+request is then forwarded. Route filtering and ``format`` are IMDS's
 (:mod:`imdsd.filtering`, JSON on a leaf refused). Restricted paths apply by the caller's uid
 and gid (:class:`imdsd.api.access.AccessPolicy`): 403 below a restricted path, redacted above.
 
@@ -32,7 +33,7 @@ from imdsd.api.context import ApiContext, Freshness
 from imdsd.api.context import Endpoint as ContextEndpoint
 from imdsd.filtering import FilterError, parse_format, render, resolve
 from imdsd.front.rules import JSON_TYPE, LOADBALANCER_MIN, Endpoint, Routed, error_body
-from imdsd.front.shaping import events_at, instance_at
+from imdsd.front.shaping import Shaped, events_at, instance_at
 from imdsd.timestamps import format_timestamp
 from imdsd.upstream.versions import GENERAL_VERSIONS, SCHEDULED_EVENTS_VERSIONS
 
@@ -232,14 +233,15 @@ class CacheAnswers:
         if doc_key not in memo:
             shaped = instance_at(raw, version, polled)
             if shaped is not None and access == "filtered":
-                shaped = self.policy().redact_instance(shaped)
+                redacted = self.policy().redact_instance(shaped.document)
+                shaped = Shaped(redacted, shaped.unknown)
             memo[doc_key] = shaped
         shaped = memo[doc_key]
-        if shaped is None:
+        if shaped is None or not shaped.exact(segments, listing=fmt == "text"):
             return None
         try:
             body, content_type = render(
-                resolve(shaped, segments), parse_format(fmt), leaf_json_allowed=False
+                resolve(shaped.document, segments), parse_format(fmt), leaf_json_allowed=False
             )
         except FilterError as exc:
             return exc.status, error_body(str(exc)), JSON_TYPE

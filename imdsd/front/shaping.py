@@ -3,29 +3,70 @@
 imdsd polls each endpoint at one api-version (the *polled* version). A caller asking for an
 older version gets the cached document without the fields IMDS added after that version
 (the table of field ages is :mod:`imdsd.imdsfields`, which the emulator serves from too); a
-caller asking for a newer version, or an older one when the document holds a field the table
-does not know (so its first version is unknown), cannot be answered exactly and is forwarded
-instead (:func:`instance_at` returns None).
+caller asking for a newer version cannot be answered exactly and is forwarded instead
+(:func:`instance_at` returns None).
+
+A field the table does not know (IMDS added it, its first version is unknown) makes only the
+reads that would show it inexact (:meth:`Shaped.exact`): the field itself and what lies below
+it, and every node above it, except that a ``format=text`` listing shows only the names of
+its node's children, so only the listing of the field's own parent shows it. Every other read
+at an older version is still answered from the cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from imdsd.imdsfields import EVENT_FIELDS, INSTANCE_FIELDS, strip_newer, unknown_fields
+from imdsd.imdsfields import EVENT_FIELDS, INSTANCE_FIELDS, strip_newer, unknown_paths
 
 
-def instance_at(document: Any, api_version: str, polled: str) -> Any | None:
-    """The instance document as IMDS gives it at ``api_version``; None when not exact.
+def _folded(segments: Sequence[str]) -> tuple[str, ...]:
+    return tuple(segment.lower() for segment in segments)
 
-    ``document`` was fetched at ``polled``. Newer than ``polled`` is never exact; older is
-    exact unless the document holds a field of unknown age.
+
+@dataclass(frozen=True, slots=True)
+class Shaped:
+    """The instance document at one api-version and the paths of its fields of unknown age.
+
+    ``unknown`` holds the paths in lower case: reads are compared without regard to case, so
+    a spelling IMDS might match too is never answered from the cache.
+    """
+
+    document: Any
+    unknown: tuple[tuple[str, ...], ...] = ()
+
+    def exact(self, segments: Sequence[str], *, listing: bool) -> bool:
+        """Whether reading ``segments`` from :attr:`document` gives what IMDS would.
+
+        Not when a field of unknown age is at or above the path read (IMDS may not have it
+        at this version), nor below it, where ``listing`` (``format=text``) limits "below"
+        to the node's own children.
+        """
+        path = _folded(segments)
+        depth = len(path)
+        for field in self.unknown:
+            if path[: len(field)] == field:
+                return False
+            if field[:depth] == path and (not listing or len(field) == depth + 1):
+                return False
+        return True
+
+
+def instance_at(document: Any, api_version: str, polled: str) -> Shaped | None:
+    """The instance document as IMDS gives it at ``api_version``; None when never exact.
+
+    ``document`` was fetched at ``polled``. Newer than ``polled`` is never exact; at
+    ``polled`` every read is; older, a read is unless it would show a field of unknown age
+    that survives the shaping (:meth:`Shaped.exact`).
     """
     if api_version == polled:
-        return document
-    if api_version > polled or unknown_fields(document):
+        return Shaped(document)
+    if api_version > polled:
         return None
-    return strip_newer(document, INSTANCE_FIELDS, api_version)
+    shaped = strip_newer(document, INSTANCE_FIELDS, api_version)
+    return Shaped(shaped, tuple(_folded(path) for path in unknown_paths(shaped)))
 
 
 def events_at(document: Any, api_version: str, polled: str) -> Any | None:
