@@ -39,6 +39,7 @@ from imdsd.front.server import FrontServer, open_front_listeners
 from imdsd.health import HealthBoard, daemon_status
 from imdsd.hooks.dispatcher import HookDispatcher
 from imdsd.hooks.sources import load_hooks
+from imdsd.httpio.listeners import ListenError
 from imdsd.keeper import StateKeeper
 from imdsd.metrics_server import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from imdsd.metrics_server import MetricsServer, open_metrics_listeners
@@ -116,6 +117,7 @@ class Daemon:
             )
         self.redirect = RedirectControl(config.front.redirect and self.front is not None)
         self.front_listeners: Sequence[trio.SocketListener] = ()
+        self.front_error: str | None = None  # the front could not listen: degraded, no redirect
         self.serving = False
         self.pollers_alive = False
         self._pollers_scope = trio.CancelScope()
@@ -143,6 +145,7 @@ class Daemon:
             doc["status"],
             serving_state=self.keeper.snapshot is not None,
             save_error=self.keeper.save_error,
+            front_error=self.front_error or self.redirect.problem(),
         )
         doc.update(
             status=status,
@@ -162,6 +165,7 @@ class Daemon:
             doc["reason"] = reason
         if self.front is not None:
             doc.update(front=self.front.status(), callers=self.front.callers())
+            doc["front"]["error"] = self.front_error
             doc.update(redirect=self.redirect.status())
         return doc
 
@@ -180,13 +184,13 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or :meth:`stop`); ``started`` once READY."""
+        await self.redirect.clear_stale()  # first: stale rules must not outlive a failed start
         listeners = open_listeners(self.config.server, self.inherited)
         metrics_listeners = await open_metrics_listeners(
             self.config.metrics.listen, self.metrics_inherited
         )
-        front_listeners = await open_front_listeners(self.config.front.listen, self.front_inherited)
+        front_listeners = await self._open_front()
         self.front_listeners = front_listeners
-        await self.redirect.clear_stale()  # fail-open: no rules until this instance is ready
         self.probe_path = _unix_path(listeners[0].socket)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(handle_signals, self)
@@ -204,7 +208,8 @@ class Daemon:
             if await self._ready_or_stopped():
                 log.info("ready", revision=self.keeper.revision, socket=self.probe_path)
                 self.notifier.ready(self.status_line())
-                await self.redirect.install(front_listeners)
+                if self.front_error is None:
+                    await self.redirect.install(front_listeners)
                 task_status.started()
                 nursery.start_soon(report_status, self)
                 if self.notifier.watchdog_interval:
@@ -212,6 +217,18 @@ class Daemon:
                 await self._stop.wait()
             await shutdown(self, api_scope)
             nursery.cancel_scope.cancel()
+
+    async def _open_front(self) -> list[trio.SocketListener]:
+        """The front's listeners; a front that cannot listen is not fatal: logged, reported
+        (``degraded``) and never redirected to, while everything else is served."""
+        if self.front is None:
+            return []
+        try:
+            return await open_front_listeners(self.config.front.listen, self.front_inherited)
+        except ListenError as exc:
+            self.front_error = str(exc)
+            log.error("front not serving; agents reach IMDS directly", error=str(exc))
+            return []
 
     async def _ready_or_stopped(self) -> bool:
         """Wait for the first snapshot or a stop request; True when ready."""

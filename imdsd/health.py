@@ -186,16 +186,23 @@ class HealthBoard:
 
 
 def daemon_status(
-    upstream: Status, *, serving_state: bool, save_error: str | None
+    upstream: Status,
+    *,
+    serving_state: bool,
+    save_error: str | None,
+    front_error: str | None = None,
 ) -> tuple[Status, str | None]:
     """The daemon's status, and the reason when it is not the ``upstream`` status.
 
     Serving a persisted snapshot before upstream answered (``serving_state``) is ``degraded``,
     not ``starting``; ``ok`` upstream is ``degraded`` while the state cannot be saved (then
-    the last revision on disk is what a restart would serve).
+    the last revision on disk is what a restart would serve), or while the configured front
+    or its redirect is not in place (``front_error``: agents reach IMDS directly).
     """
     if serving_state and upstream == "starting":
         return "degraded", None
     if save_error is not None and upstream == "ok":
         return "degraded", f"state not saved: {save_error}"
+    if front_error is not None and upstream == "ok":
+        return "degraded", front_error
     return upstream, None

@@ -7,8 +7,13 @@
 - on SIGTERM/SIGINT: the rules are removed first, before the front stops accepting;
 - after a crash or SIGKILL the unit's ``ExecStopPost=imdsd redirect remove`` removes them.
 
-A failure to install is logged and reported in ``imdsd status`` (``redirect``); the daemon
-keeps running and agents keep reaching IMDS directly (fail-open).
+The rules only ever point at a port below 1024 (only root can bind it): a front on another
+port (a socket passed by systemd; the configuration refuses it) is not redirected to, since
+any user who binds that port while imdsd is down would receive every agent's IMDS traffic.
+
+A failure to install is logged and reported in ``imdsd status`` (``redirect``, and the
+status ``degraded``); the daemon keeps running and agents keep reaching IMDS directly
+(fail-open).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import structlog
 import trio
 
 from imdsd import redirect
+from imdsd.config import port_is_privileged
 from imdsd.netmark import UPSTREAM_MARK
 
 log = structlog.get_logger("imdsd.redirect")
@@ -75,6 +81,13 @@ class RedirectControl:
             self.error = "install: the front has no IPv4 listener to redirect to"
             log.error("redirect not installed", error=self.error)
             return
+        if not port_is_privileged(self.target):
+            self.error = (
+                f"install: refused: the front listens on {self.target}, a port any user can "
+                "bind; use a port below 1024 (only root can bind it)"
+            )
+            log.error("redirect not installed", error=self.error)
+            return
         if await self._nft("install", self.target):
             self.installed, self.error = True, None
             log.info("redirect installed", target=self.target, mark=hex(UPSTREAM_MARK))
@@ -94,6 +107,12 @@ class RedirectControl:
             await self.install(listeners)
         else:
             await self.remove()
+
+    def problem(self) -> str | None:
+        """Why the wanted redirect is not in place (for the daemon's status), or None."""
+        if self.enabled and not self.installed and self.error is not None:
+            return f"redirect {self.error}"
+        return None
 
     def status(self) -> dict[str, Any]:
         """The ``redirect`` part of ``imdsd status``."""

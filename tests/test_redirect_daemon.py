@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import trio
@@ -35,18 +36,21 @@ def nft(monkeypatch: pytest.MonkeyPatch) -> Nft:
     return Nft(monkeypatch)
 
 
+def bound(host: str, port: int) -> list[trio.SocketListener]:
+    """A front listener stand-in: the control reads only its socket's address."""
+    sock = SimpleNamespace(getsockname=lambda: (host, port))
+    return cast(list[trio.SocketListener], [SimpleNamespace(socket=sock)])
+
+
 @pytest.fixture
-async def listeners() -> AsyncIterator[list[trio.SocketListener]]:
-    opened = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    yield opened
-    for listener in opened:
-        await listener.aclose()
+def listeners() -> list[trio.SocketListener]:
+    return bound("127.0.0.1", 169)
 
 
 async def test_lifecycle_installs_to_the_actual_address_and_removes(
     nft: Nft, listeners: list[trio.SocketListener]
 ) -> None:
-    port = listeners[0].socket.getsockname()[1]
+    port = 169
     control = RedirectControl(enabled=True)
     await control.clear_stale()
     await control.install(listeners)
@@ -97,3 +101,38 @@ async def test_no_ipv4_listener_is_an_error_not_a_blackhole(nft: Nft) -> None:
     assert control.status()["error"] == "install: the front has no IPv4 listener to redirect to"
     assert nft.calls == []
     assert listen_address([]) == ""
+
+
+@pytest.mark.parametrize("port", [1, 80, 169, 1023, 1024, 8169, 49152, 65535])
+async def test_never_redirects_to_a_port_any_user_can_bind(nft: Nft, port: int) -> None:
+    """A socket-activated front on an unprivileged port: a user binding it while imdsd is down
+    would get every agent's IMDS traffic, so the rules are refused (and the daemon degraded)."""
+    control = RedirectControl(enabled=True)
+    await control.install(bound("127.0.0.1", port))
+    if port < 1024:
+        assert nft.calls == [f"install 127.0.0.1:{port}"]
+        assert control.installed
+        assert control.problem() is None
+        return
+    error = (
+        f"install: refused: the front listens on 127.0.0.1:{port}, a port any user can bind; "
+        "use a port below 1024 (only root can bind it)"
+    )
+    assert nft.calls == []
+    assert control.status() == {
+        "enabled": True,
+        "installed": False,
+        "target": f"127.0.0.1:{port}",
+        "error": error,
+    }
+    assert control.problem() == f"redirect {error}"
+
+
+async def test_a_disabled_redirect_is_no_problem(nft: Nft) -> None:
+    control = RedirectControl(enabled=False)
+    await control.install(bound("127.0.0.1", 8169))
+    assert control.problem() is None
+    nft.refuse = "no nft"
+    control = RedirectControl(enabled=True)
+    await control.install(bound("127.0.0.1", 169))
+    assert control.problem() == "redirect install: no nft"
