@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -238,6 +239,71 @@ async def test_no_spelling_of_a_restricted_path_gets_past_the_access_check(tmp_p
         assert "c2VjcmV0" not in body
         assert set(msgspec.json.decode(body)) == {"error"}
     assert (root.status, root.body) == (200, b"c2VjcmV0")
+
+
+HOLDER = """
+import json, socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+print("ready", flush=True)
+sys.stdin.readline()
+answers = {}
+for conn in held:
+    conn.setblocking(False)
+    try:
+        data = conn.recv(4096)
+    except BlockingIOError:
+        data = b"open"
+    head, _, body = data.partition(b"\\r\\n\\r\\n")
+    key = json.dumps([head.split(b"\\r\\n")[0].decode(), body.decode()])
+    answers[key] = answers.get(key, 0) + 1
+print(json.dumps(answers), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run an agent as another uid")
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"no {SYSTEM_PYTHON}")
+async def test_one_user_holding_connections_does_not_cut_the_others_off(tmp_path: Path) -> None:
+    """1100 idle connections of uid 65534: it keeps a quarter of the front, the rest are
+    answered IMDS's 429 and closed, and root's requests are still answered."""
+    count = 1100
+    async with emulator(rate_limit=0) as emu, front_daemon(tmp_path, emu) as daemon:
+        assert daemon.front is not None
+        port = front_port(daemon)
+        process = await trio.lowlevel.open_process(
+            [SYSTEM_PYTHON, "-c", HOLDER, str(port), str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            user=65534,
+            group=65534,
+            cwd="/",
+            env={},
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        lines = b""
+        with trio.fail_after(60):
+            while not lines.endswith(b"ready\n"):
+                lines += await process.stdout.receive_some()
+            while daemon.front.http.accepted < count:
+                await trio.sleep(0.05)
+            root = await call(
+                port,
+                "GET",
+                "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text",
+                [MD],
+            )
+            await process.stdin.send_all(b"go\n")
+            lines = b""
+            while not lines.endswith(b"\n"):
+                lines += await process.stdout.receive_some()
+            await process.wait()
+        callers = [c for c in daemon.front.callers() if c["uid"] == 65534]
+    answers = msgspec.json.decode(lines)
+    refused = json.dumps(["HTTP/1.1 429 Too Many Requests", '{"error":"Too many requests"}'])
+    assert root.status == 200
+    assert answers == {json.dumps(["open", ""]): 256, refused: count - 256}
+    assert [c["refused"] for c in callers] == [count - 256]
 
 
 def instance_raw(daemon: Daemon) -> dict[str, Any]:

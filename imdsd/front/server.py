@@ -4,13 +4,16 @@
 socket named ``front`` (``FileDescriptorName=front``). Each request is checked by IMDS's
 rules (:mod:`.rules`), answered from the cache at the caller's api-version (:mod:`.cache`)
 or forwarded (:mod:`.relay`). The caller of each connection is looked up once, in a worker
-thread, from the kernel's socket tables (:mod:`.callers`); its uid decides access to
-restricted paths, and :meth:`FrontServer.status` lists the busiest callers.
+thread, from the kernel's socket tables (:mod:`.callers`), right after accept: its uid
+decides whether the connection is served (:mod:`.quota`: no uid holds more than a quarter
+of the front's connections, and a quarter is kept for root and ``restricted_allow_uids``;
+one over the limit gets IMDS's 429 and is closed) and access to restricted paths, and
+:meth:`FrontServer.status` lists the busiest callers.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -24,17 +27,30 @@ from imdsd.api.metrics import Metrics
 from imdsd.config import FrontConfig
 from imdsd.front.cache import Answer, CacheAnswers, redact_forwarded
 from imdsd.front.callers import UNKNOWN, Address, Caller, CallerStats, Resolver
+from imdsd.front.quota import ConnectionQuota
 from imdsd.front.relay import Relay
-from imdsd.front.rules import Refusal, check
-from imdsd.httpio import HttpServer, Request, Responder, ServerLimits
-from imdsd.httpio.listeners import HttpService, ListenError, addresses, open_tcp_setting
+from imdsd.front.rules import JSON_TYPE, TOO_MANY_REQUESTS, Refusal, check, error_body
+from imdsd.httpio import (
+    REJECT_LINGER,
+    HttpIOError,
+    HttpServer,
+    Request,
+    Responder,
+    ServerLimits,
+    ServerProtocol,
+    Transport,
+    serve_connection,
+)
+from imdsd.httpio.listeners import HttpService, open_tcp_setting
 from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import ImdsClient
 
 log = structlog.get_logger("imdsd.front")
 
 FD_NAME: Final = "front"
-MAX_CONNECTIONS: Final = 1024  # agents hold few connections each; beyond this, 503
+MAX_CONNECTIONS: Final = 1024  # agents hold few connections each; see ConnectionQuota
+PER_UID: Final = MAX_CONNECTIONS // 4  # no uid holds more
+RESERVE: Final = MAX_CONNECTIONS // 4  # kept for root and restricted_allow_uids
 TOP_CALLERS: Final = 10
 MAX_HEAD_LENGTH: Final = 1 << 20  # the longest IMDS answer the upstream client reads
 LIMITS: Final = ServerLimits(
@@ -55,33 +71,9 @@ async def open_front_listeners(
 ) -> list[trio.SocketListener]:
     """The inherited ``front`` sockets if any, else ``listen`` bound (``""``: none).
 
-    Inherited sockets must be bound to a loopback address, as ``listen`` must (the
-    configuration checks it): IMDS, and so the front with its managed-identity tokens, is
-    never reachable from the network; such a socket is closed and refused.
-
     Raises :class:`imdsd.httpio.listeners.ListenError` with a one-line message.
     """
-    listeners = await open_tcp_setting("front.listen", listen, inherited)
-    outside = [
-        name
-        for listener, name in zip(listeners, addresses(listeners), strict=True)
-        if not _is_loopback(listener.socket.getsockname())
-    ]
-    if outside:
-        for listener in listeners:
-            listener.socket.close()
-        raise ListenError(
-            f"front: refused the socket passed on {outside[0]}: not a loopback address "
-            "(IMDS is never reachable from the network)"
-        )
-    return listeners
-
-
-def _is_loopback(name: Any) -> bool:
-    try:
-        return isinstance(name, tuple) and ipaddress.ip_address(name[0]).is_loopback
-    except ValueError:
-        return False
+    return await open_tcp_setting("front.listen", listen, inherited)
 
 
 class Connection:
@@ -141,6 +133,65 @@ def _address(name: Any) -> Address | None:
     return None
 
 
+class FrontHttp(HttpServer):
+    """The front's :class:`HttpServer`: each connection's caller is looked up right after
+    accept and admitted by its uid (:class:`~imdsd.front.quota.ConnectionQuota`); one over
+    its limits is answered IMDS's 429 at once and closed."""
+
+    def __init__(self, front: FrontServer) -> None:
+        super().__init__(front.handle, LIMITS, max_connections=MAX_CONNECTIONS)
+        self.front = front
+        self.quota = ConnectionQuota(MAX_CONNECTIONS, PER_UID, RESERVE)
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted stream if its caller's uid may hold one more connection."""
+        self.accepted += 1
+        try:
+            conn = Connection(stream)
+            caller = await self.front.caller(conn)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        uid = caller.uid
+        slot = self.quota.admit(uid, uid == 0 or uid in self.front.policy().allow_uids)
+        if slot is None:
+            self.rejected += 1
+            self.front.throttled(caller)
+            await _throttle(stream, self.limits, self.server_header)
+            return
+        self.active += 1
+        try:
+            await serve_connection(
+                stream,
+                self.handler,
+                self.limits,
+                self.idle,
+                server_header=self.server_header,
+                peer=conn,
+            )
+        finally:
+            self.active -= 1
+            self.quota.release(slot)
+
+
+THROTTLED: Final = error_body(TOO_MANY_REQUESTS)
+
+
+async def _throttle(stream: trio.abc.Stream, limits: ServerLimits, server_header: bytes) -> None:
+    """IMDS's 429 without reading a request, and close (within REJECT_LINGER)."""
+    transport = Transport(stream, limits.write_timeout)
+    protocol = ServerProtocol(limits, server_header)
+    protocol.close_after = True
+    headers = [(b"content-type", JSON_TYPE.encode()), (b"x-imdsd-source", b"front")]
+    linger = min(REJECT_LINGER, limits.drain_timeout)
+    try:
+        with trio.move_on_after(linger), contextlib.suppress(HttpIOError):  # a peer gone: nothing
+            await Responder(protocol, transport).send(429, headers, THROTTLED)
+    finally:
+        with trio.CancelScope(shield=True):
+            await transport.close(linger)
+
+
 class FrontServer(HttpService):
     """The front: ``handle`` answers one request; ``serve`` runs the listener."""
 
@@ -165,9 +216,7 @@ class FrontServer(HttpService):
         self.resolver = resolver or Resolver()
         self.stats = CallerStats()
         self.results = metrics.front_requests
-        self.http = HttpServer(
-            self.handle, LIMITS, max_connections=MAX_CONNECTIONS, peer_info=Connection
-        )
+        self.http = FrontHttp(self)
         metrics.front_waiting.track(lambda: self.relay.waiting)
 
     def reconfigure(self, config: FrontConfig) -> None:
@@ -176,7 +225,8 @@ class FrontServer(HttpService):
         self.relay.queue_timeout = config.queue_timeout
         self.relay.token_cache = config.token_cache
 
-    async def _caller(self, conn: Any) -> Caller:
+    async def caller(self, conn: Any) -> Caller:
+        """The caller of connection ``conn``, looked up once (in a worker thread)."""
         if not isinstance(conn, Connection) or conn.peer is None:
             return UNKNOWN
         if conn.caller is None:
@@ -195,7 +245,7 @@ class FrontServer(HttpService):
 
     async def handle(self, request: Request, responder: Responder) -> None:
         """Answer one agent request as IMDS would (the HttpServer handler)."""
-        caller = await self._caller(request.peer)
+        caller = await self.caller(request.peer)
         counts = self.stats.counts(caller)
         counts.requests += 1
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
@@ -234,6 +284,13 @@ class FrontServer(HttpService):
         setattr(counts, kind, getattr(counts, kind) + 1)
         out, body = _framed(answer, responder.head_only)
         await responder.send(answer.status, out, body)
+
+    def throttled(self, caller: Caller) -> None:
+        """Count a connection refused because ``caller``'s uid holds too many."""
+        counts = self.stats.counts(caller)
+        counts.requests += 1
+        counts.refused += 1
+        self.results["throttled"] += 1
 
     def status(self) -> dict[str, Any]:
         """The front's part of ``/v1/health``: listeners, results, queue and top callers."""
