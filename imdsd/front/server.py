@@ -14,6 +14,7 @@ one over the limit gets IMDS's 429 and is closed) and access to restricted paths
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -41,7 +42,7 @@ from imdsd.httpio import (
     Transport,
     serve_connection,
 )
-from imdsd.httpio.listeners import HttpService, open_tcp_setting
+from imdsd.httpio.listeners import HttpService, ListenError, addresses, open_tcp_setting
 from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import ImdsClient
 
@@ -71,9 +72,33 @@ async def open_front_listeners(
 ) -> list[trio.SocketListener]:
     """The inherited ``front`` sockets if any, else ``listen`` bound (``""``: none).
 
+    Inherited sockets must be bound to a loopback address, as ``listen`` must (the
+    configuration checks it): IMDS, and so the front with its managed-identity tokens, is
+    never reachable from the network; such a socket is closed and refused.
+
     Raises :class:`imdsd.httpio.listeners.ListenError` with a one-line message.
     """
-    return await open_tcp_setting("front.listen", listen, inherited)
+    listeners = await open_tcp_setting("front.listen", listen, inherited)
+    outside = [
+        name
+        for listener, name in zip(listeners, addresses(listeners), strict=True)
+        if not _is_loopback(listener.socket.getsockname())
+    ]
+    if outside:
+        for listener in listeners:
+            listener.socket.close()
+        raise ListenError(
+            f"front: refused the socket passed on {outside[0]}: not a loopback address "
+            "(IMDS is never reachable from the network)"
+        )
+    return listeners
+
+
+def _is_loopback(name: Any) -> bool:
+    try:
+        return isinstance(name, tuple) and ipaddress.ip_address(name[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class Connection:
