@@ -9,7 +9,10 @@ someone else may hold. nft is replaced by a recorder (tests/test_redirect_daemon
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,9 +26,10 @@ from test_front_server import MD, call
 from test_redirect_daemon import Nft
 
 from imdsd import httpio
-from imdsd.config import load_config
+from imdsd.config import load_config, parse_config
 from imdsd.daemon import Daemon
 
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="binding a port below 1024 (as the redirect requires) needs root"
 )
@@ -167,3 +171,36 @@ async def test_a_passed_front_socket_on_a_user_port_is_served_not_redirected(
         "can bind; use a port below 1024 (only root can bind it)"
     )
     assert health["front"]["error"] is None
+
+
+def test_example_front_socket_is_one_the_redirect_accepts() -> None:
+    """The shipped socket example binds what ``[front] listen`` with the redirect allows."""
+    example = (UNITS / "imdsd-front.socket").read_text()
+    assert "FileDescriptorName=front\n" in example
+    [listen] = [line.split("=", 1)[1] for line in example.splitlines() if line.startswith("Listen")]
+    text = f'[front]\nlisten = "{listen}"\nredirect = true\n'
+    assert parse_config(text, "imdsd-front.socket").front.listen == listen
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_example_front_socket_verifies_with_its_drop_in(tmp_path: Path) -> None:
+    example = (UNITS / "imdsd-front.socket").read_text()
+    service = (UNITS / "imdsd.service").read_text().replace("/usr/bin/imdsd", sys.executable)
+    (tmp_path / "imdsd.service").write_text(service)
+    (tmp_path / "imdsd.socket").write_text((UNITS / "imdsd.socket").read_text())
+    (tmp_path / "imdsd-front.socket").write_text(example)
+    [printf] = [line for line in example.splitlines() if "printf '" in line]
+    drop_in = printf.split("printf '", 1)[1].split("'", 1)[0].replace("\\n", "\n")
+    assert "Sockets=imdsd.socket imdsd-front.socket\n" in drop_in
+    (tmp_path / "imdsd.service.d").mkdir()
+    (tmp_path / "imdsd.service.d" / "front-socket.conf").write_text(drop_in)
+    done = subprocess.run(
+        ["systemd-analyze", "--no-pager", "verify", "imdsd-front.socket", "imdsd.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.stdout + done.stderr).strip() == ""
+    assert done.returncode == 0
