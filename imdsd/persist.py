@@ -8,7 +8,8 @@
 - ``revision``: the revision high-water mark ``{"revision": N, "sha256": "<hex of N>"}``,
   written *before* any file holding a higher revision. If the state is lost or corrupt,
   revisions continue above the mark instead of starting again at zero; when the mark is above
-  the state's revision, ``oldest`` moves up to it too (a resume in the gap gets ``gone``).
+  the state's revision, the state continues above the mark with its history and hook marks
+  whole, and the revisions in between become a gap (see :func:`apply_mark`).
 
 Whole files are replaced atomically (temp file in the same directory, write, fsync, rename,
 fsync the directory) with mode 0600. A state file that is bad, or is not a readable regular
@@ -177,15 +178,23 @@ def load_base(directory: str, snapshot_type: type[S], mark: int | None) -> Loade
 def apply_mark(state: PersistedState[S], mark: int | None) -> PersistedState[S]:
     """``state`` continued above the high-water ``mark`` when the mark is ahead of it.
 
-    Revisions in the gap were never published with this content, so the history before them
-    is dropped and ``oldest`` moves up to the mark: a resume from inside the gap gets gone.
+    The mark is raised before the record holding a new revision is written, and a revision is
+    published only once that record is saved, so a mark ahead of a loaded state means the
+    daemon died in between (or the journal's tail was lost): the revisions in the gap
+    ``(state.revision, mark]`` were never published with the state's content, if at all. The
+    state then takes revision ``mark + 1`` (no number is reused, and a client that did see the
+    mark is not told it is up to date) and keeps its history, ``oldest`` and hook marks, so
+    pending hook deliveries and resumes from the state's revision go on; a resume from inside
+    the gap gets gone (:attr:`PersistedState.gaps`). A state without revisions (lost or
+    fresh) just starts at the mark.
     """
     if mark is None or mark <= state.revision:
         return state
     if state.revision == 0:
         return PersistedState(revision=mark, oldest=mark)
-    _log.info("revision_from_mark", state_revision=state.revision, revision=mark)
-    return msgspec.structs.replace(state, revision=mark, oldest=mark, history=[])
+    _log.info("revision_from_mark", state_revision=state.revision, mark=mark, revision=mark + 1)
+    gaps = [*state.gaps, (state.revision, mark)]
+    return msgspec.structs.replace(state, revision=mark + 1, gaps=gaps)
 
 
 def read_mark(directory: str) -> int | None:

@@ -1,7 +1,7 @@
 """The persisted state as a compacted ``state.json`` plus an append-only journal (blocking).
 
 Saving a revision appends one record to ``state.journal`` -- the new change frames, the new
-``oldest``, changed hook marks and a structural delta of the snapshot (see
+``oldest``, changed hook marks and gaps, and a structural delta of the snapshot (see
 :mod:`imdsd.delta`) -- so its cost follows the change, not the history. Once the journal
 outgrows the compacted file (and :data:`COMPACT_MIN`), the next save writes the whole state
 to ``state.json`` atomically (see :func:`imdsd.persist.save_state`) and removes the journal.
@@ -49,6 +49,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     frames: list[ChangeFrame] = msgspec.field(default_factory=list)
     snapshot: list[Any] | None = None
     hooks: dict[str, int] | None = None
+    gaps: list[tuple[int, int]] | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -73,6 +74,7 @@ def replay(
     base_seq = seq
     revision, oldest = state.revision, state.oldest
     history, hooks = collections.deque(state.history), dict(state.hooks)
+    gaps = list(state.gaps)
     good = 0
     problem = None
     applied = False
@@ -93,6 +95,8 @@ def replay(
             history.popleft()
         if record.hooks is not None:
             hooks = record.hooks
+        if record.gaps is not None:
+            gaps = record.gaps
         good += len(line)
         applied = True
     if not applied:
@@ -100,7 +104,12 @@ def replay(
     try:
         typed = None if snapshot is None else msgspec.convert(snapshot, snapshot_type)
         result = PersistedState(
-            revision=revision, oldest=oldest, snapshot=typed, history=list(history), hooks=hooks
+            revision=revision,
+            oldest=oldest,
+            snapshot=typed,
+            history=list(history),
+            hooks=hooks,
+            gaps=gaps,
         )
     except (ValueError, msgspec.ValidationError) as exc:
         return state, base_seq, 0, f"journal does not fit the state file: {exc}"
@@ -218,6 +227,7 @@ class StateLog(Generic[S]):
             frames=_newer(state.history, last.revision),
             snapshot=edit,
             hooks=None if state.hooks == last.hooks else dict(state.hooks),
+            gaps=None if state.gaps == last.gaps else list(state.gaps),
         )
         line = encode_record(record)
         if state.revision > last.revision:

@@ -13,6 +13,10 @@ The store holds the current snapshot and turns each new snapshot into at most on
 
 ``oldest`` is the oldest revision a watch can resume from: ``frames_since(oldest)`` returns
 every frame after it, anything older is :class:`~imdsd.frames.GoneFrame` ``(oldest)``.
+``gaps`` are revision ranges ``(low, high]`` that were never published (the revision mark was
+raised, then the daemon died before the record holding them was written; see
+:func:`imdsd.persist.apply_mark`): no correct client can resume from inside one, so that is
+gone too, while the history around them stays whole.
 
 Publishing: with ``publish_on_save`` (the daemon's store) a new revision is *published* --
 visible through :attr:`Store.published_revision`, :attr:`Store.published_snapshot` and
@@ -69,7 +73,8 @@ class PersistedState(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
 
     ``oldest`` is the oldest revision a watch can resume from, ``history`` the kept change
     frames (strictly increasing revisions in ``(oldest, revision]``), ``hooks`` the last
-    revision delivered to each hook.
+    revision delivered to each hook, ``gaps`` the never-published ranges ``(low, high]``
+    (increasing, below ``revision``) that a resume cannot start from.
     """
 
     revision: int = 0
@@ -77,6 +82,7 @@ class PersistedState(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
     snapshot: S | None = None
     history: list[ChangeFrame] = msgspec.field(default_factory=list)
     hooks: dict[str, int] = msgspec.field(default_factory=dict)
+    gaps: list[tuple[int, int]] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.revision < 0:
@@ -96,6 +102,11 @@ class PersistedState(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
                 raise ValueError(
                     f"hook {name!r} delivered revision {delivered} is not within 0..{self.revision}"
                 )
+        previous = 0
+        for low, high in self.gaps:
+            if not previous <= low < high < self.revision:
+                raise ValueError(f"gap ({low}, {high}] is not within {previous}..{self.revision}")
+            previous = high
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +164,8 @@ class Store(Generic[S]):
         self._frames: collections.deque[ChangeFrame] = collections.deque()
         self._sizes: collections.deque[int] = collections.deque()
         self._bytes = 0
+        self._gaps = list(state.gaps)
+        self._prune_gaps()
         for frame in state.history:
             self._keep(frame)
         self._hooks: dict[str, int] = dict(state.hooks)
@@ -258,6 +271,7 @@ class Store(Generic[S]):
             self._revision += 1
             self._oldest = self._revision
             self._clear_history()
+            self._prune_gaps()
             self._pending.clear()
             # A baseline has no changes to deliver: hooks are up to date with it.
             for hook in self._hooks:
@@ -288,11 +302,12 @@ class Store(Generic[S]):
     def frames_since(self, since: int) -> list[ChangeFrame] | GoneFrame:
         """Change frames with revision > ``since``, oldest first.
 
-        ``since`` below :attr:`oldest` (history no longer complete) or above the current
+        ``since`` below :attr:`oldest` (history no longer complete), above the current
         revision (a client that saw a revision this store never had, e.g. after state loss)
-        gives ``GoneFrame(oldest)``.
+        or inside a never-published gap gives ``GoneFrame(oldest)``.
         """
-        if since < self._oldest or since > self._revision:
+        in_gap = any(low < since <= high for low, high in self._gaps)
+        if in_gap or not self._oldest <= since <= self._revision:
             return GoneFrame(oldest=self._oldest)
         found: list[ChangeFrame] = []
         for frame in reversed(self._frames):
@@ -401,6 +416,7 @@ class Store(Generic[S]):
             snapshot=self._snapshot,
             history=list(self._frames),
             hooks=dict(self._hooks),
+            gaps=list(self._gaps),
         )
 
     def _keep(self, frame: ChangeFrame) -> None:
@@ -414,6 +430,12 @@ class Store(Generic[S]):
         ):
             self._oldest = self._frames.popleft().revision
             self._bytes -= self._sizes.popleft()
+        self._prune_gaps()
+
+    def _prune_gaps(self) -> None:
+        """Forget gaps wholly below :attr:`oldest` (resumes there are gone anyway)."""
+        while self._gaps and self._gaps[0][1] < self._oldest:
+            del self._gaps[0]
 
     def _clear_history(self) -> None:
         self._frames.clear()

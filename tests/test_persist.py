@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from imdsd import persist
-from imdsd.frames import Change
+from imdsd.frames import Change, GoneFrame
 from imdsd.persist import LoadedState, PersistError, load_state, save_state
 from imdsd.store import PersistedState, Store
 
@@ -207,19 +207,28 @@ def test_missing_state_file_continues_from_the_mark(tmp_path: Path) -> None:
     assert logs[0]["event"] == "state_file_missing"
 
 
-def test_mark_ahead_of_the_state_raises_the_revision(tmp_path: Path) -> None:
-    save_state(str(tmp_path), state_at(9))
-    (tmp_path / "revision").write_bytes(persist._encode_mark(10))
+def test_mark_ahead_of_the_state_continues_above_it_and_keeps_the_history(
+    tmp_path: Path,
+) -> None:
+    # Killed between raising the mark (to 12) and writing the state holding revision 12: the
+    # revisions 10..12 were never published, 9 and its history were.
+    saved = state_at(9)
+    save_state(str(tmp_path), saved)
+    (tmp_path / "revision").write_bytes(persist._encode_mark(12))
     state = load(tmp_path).state
-    assert state.revision == 10
-    assert state.snapshot == Snap(tags={"rev": "9"})
-    assert (state.oldest, state.history) == (10, []), "a resume inside the gap gets gone"
+    assert state == msgspec.structs.replace(saved, revision=13, gaps=[(9, 12)])
+    store = make_store(state)
+    assert store.frames_since(saved.hooks["hook"]) == saved.history[-1:], "hooks still pending"
+    assert store.frames_since(9) == [], "a client at the published revision is up to date"
+    for since in (10, 11, 12):
+        assert store.frames_since(since) == GoneFrame(oldest=saved.oldest), "never published"
+    assert store.frames_since(13) == []
 
 
 def test_mark_is_never_lowered(tmp_path: Path) -> None:
     save_state(str(tmp_path), state_at(9))
     save_state(str(tmp_path), state_at(4))
-    assert load(tmp_path).state.revision == 9
+    assert load(tmp_path).state.revision == 10
 
 
 @pytest.mark.parametrize(
@@ -376,7 +385,8 @@ def crashing_save(
 def check_consistent(
     loaded: LoadedState[Snap], low: int, high: int, directory: Path | None = None
 ) -> None:
-    """The state is one that was saved (revision in low..high), possibly raised by the mark.
+    """The state is one that was saved (revision in low..high), possibly continued above the
+    mark (revision ``mark + 1``, the revisions after the saved one a gap, the history whole).
 
     With ``directory``, also check the mark covers the state file's own revision, so losing
     that file later could not rewind the revision either.
@@ -385,10 +395,10 @@ def check_consistent(
     state = loaded.state
     assert state.snapshot is not None
     saved_at = int(state.snapshot.tags["rev"])
-    assert low <= saved_at <= state.revision <= high
+    assert low <= saved_at <= state.revision <= high + 1
     if state.revision > saved_at:  # the mark is ahead: nothing in the gap can be resumed
-        assert (state.oldest, state.history) == (state.revision, [])
-    elif state.history:
+        assert state.gaps[-1] == (saved_at, state.revision - 1)
+    if state.history:
         assert state.history[-1].revision == saved_at
     else:
         assert state.oldest == saved_at, "only a baseline has no frame"
@@ -423,7 +433,7 @@ def test_every_kill_point_of_one_save_leaves_old_or_new(
             assert loaded.state.revision == 3 or not new
             outcomes.add((loaded.state.revision, new))
             assert sorted(os.listdir(directory)) == ["revision", "state.json"]
-    assert outcomes == {(2, False), (3, False), (3, True)}
+    assert outcomes == {(2, False), (4, False), (3, True)}, "4: above the mark 3, never reused"
 
 
 def test_random_kills_never_lose_or_rewind_revisions(

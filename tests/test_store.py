@@ -332,7 +332,7 @@ def test_lost_snapshot_restarts_above_the_recovered_revision() -> None:
 
 
 def test_revision_without_frame_is_not_a_gap() -> None:
-    # The mark was ahead of state.json (killed between the two writes): revision 12 has no frame.
+    # Revisions 10..12 took no frame (documents that appeared without a change): resumable.
     old = make_store()
     old.apply(snap(), NOW)
     frames = grow(old, 9)
@@ -346,6 +346,44 @@ def test_revision_without_frame_is_not_a_gap() -> None:
     assert frame is not None
     assert frame.revision == 13
     assert store.frames_since(11) == [frame]
+
+
+def test_a_never_published_gap_is_gone_until_it_leaves_the_history() -> None:
+    # persist.apply_mark's result for a state at revision 5 and a mark at 8.
+    old = make_store(history=4)
+    old.apply(snap(), NOW)
+    frames = grow(old, 4)
+    state = msgspec.structs.replace(old.to_state(), revision=9, gaps=[(5, 8)])
+    store = restart(make_store(history=4, state=state), history=4)
+    assert store.frames_since(1) == frames
+    assert store.frames_since(5) == []
+    assert [store.frames_since(since) for since in (6, 7, 8)] == [GoneFrame(oldest=1)] * 3
+    assert store.frames_since(9) == []
+    newer = grow(store, 3)
+    assert store.frames_since(5) == newer
+    assert store.frames_since(8) == GoneFrame(oldest=4)
+    assert store.to_state().gaps == [(5, 8)]
+    grow(store, 1)
+    assert (store.oldest, store.to_state().gaps) == (5, [(5, 8)])
+    assert store.frames_since(6) == GoneFrame(oldest=5)
+    grow(store, 1)  # the history now starts at 10: the gap is below it, forgotten
+    assert (store.oldest, store.to_state().gaps) == (10, [])
+
+
+def test_a_baseline_forgets_the_gaps() -> None:
+    state = PersistedState[Snap](revision=9, oldest=2, gaps=[(3, 5), (6, 8)])
+    store = make_store(state=state)
+    assert store.apply(snap(a="1"), NOW) is None
+    assert (store.revision, store.oldest, store.to_state().gaps) == (10, 10, [])
+
+
+@pytest.mark.parametrize(
+    "gaps",
+    [[(3, 3)], [(4, 3)], [(1, 9)], [(1, 10)], [(-1, 2)], [(1, 4), (3, 6)], [(5, 6), (1, 2)]],
+)
+def test_gaps_must_be_ordered_ranges_below_the_revision(gaps: list[tuple[int, int]]) -> None:
+    with pytest.raises(ValueError, match="gap"):
+        PersistedState[Snap](revision=9, gaps=gaps)
 
 
 def frame_at(revision: int) -> ChangeFrame:
