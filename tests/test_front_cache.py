@@ -1,15 +1,29 @@
-"""Front answers from the cache (sans-IO): when the cache answers, and what it answers."""
+"""Front answers from the cache: when the cache answers, and what it answers.
+
+Sans-IO, apart from one daemon+emulator test (a field of unknown age in IMDS's document).
+"""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import trio
+import trio.testing
+from daemon_support import emulator, write_config
+from emulator_support import Emulator
 from test_api_support import FETCHED, FakeContext, full_snapshot, instance_doc, started_context
+from test_front_server import MD, call, front_port, imdsd_headers
 
 from imdsd.api.access import AccessPolicy, Peer
 from imdsd.api.context import Freshness
+from imdsd.config import load_config
+from imdsd.daemon import Daemon
 from imdsd.front.cache import Answer, CacheAnswers, redact_forwarded
 from imdsd.front.rules import Endpoint, Routed
 from imdsd.upstream.versions import GENERAL_VERSIONS
@@ -275,3 +289,70 @@ def test_a_field_of_unknown_age_forwards_only_the_reads_that_show_it(
             assert answer == _unknown_in("nowhere").answer(older, peer)
         polled = Routed(Endpoint.INSTANCE, "GET", older.segments, "2021-02-01", query)
         assert _unknown_in(where).answer(polled, peer) is not None
+
+
+@asynccontextmanager
+async def quiet_front(tmp: Path, emu: Emulator) -> AsyncIterator[Daemon]:
+    """A daemon with its front polling ``emu`` once (the next polls are ten minutes away)."""
+    polls = {"instance": "600s", "scheduled_events": "600s", "loadbalancer": "600s"}
+    config = write_config(tmp, emu.url, **polls)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    daemon = Daemon(load_config(str(config)), str(config), front_inherited=[listener])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        yield daemon
+        daemon.stop()
+
+
+UNRELATED_READS = [
+    *30 * ["/metadata/instance/compute/vmSize?api-version=2021-02-01"],  # the review's case
+    "/metadata/instance/compute/vmSize?api-version=2021-02-01&format=text",
+    "/metadata/instance/compute/storageProfile?api-version=2021-02-01",
+    "/metadata/instance/compute/tags?api-version=2019-06-01&format=text",
+    "/metadata/instance/network?api-version=2021-02-01",
+    "/metadata/instance/network/interface/0/macAddress?api-version=2017-08-01&format=text",
+    "/metadata/instance?api-version=2021-02-01&format=text",
+]
+
+
+async def test_a_new_imds_field_leaves_unrelated_reads_at_older_versions_cached(
+    tmp_path: Path,
+) -> None:
+    async with emulator(rate_limit=0) as emu:
+        await emu.control("PATCH", "instance", {"compute": {"zzNew": "x"}})
+        async with quiet_front(tmp_path, emu) as daemon:
+            with trio.fail_after(10):
+                while not (
+                    (snapshot := daemon.keeper.snapshot)
+                    and snapshot.instance_raw
+                    and snapshot.scheduled_events_raw is not None
+                    and snapshot.loadbalancer_raw is not None
+                ):
+                    await trio.sleep(0.05)
+            assert "zzNew" in snapshot.instance_raw["compute"]
+            await trio.testing.wait_all_tasks_blocked()
+            port = front_port(daemon)
+            asked = (await emu.stats())["total"]
+            ours: dict[int, Any] = {}
+            async with trio.open_nursery() as nursery:
+                for index, target in enumerate(UNRELATED_READS):
+
+                    async def read(index: int = index, target: str = target) -> None:
+                        ours[index] = await call(port, "GET", target, [MD])
+
+                    nursery.start_soon(read)
+            unchanged = (await emu.stats())["total"]
+            shown = await call(
+                port, "GET", "/metadata/instance/compute?api-version=2021-02-01", [MD]
+            )
+            grown = (await emu.stats())["total"]
+            theirs = [await call(emu.port, "GET", target, [MD]) for target in UNRELATED_READS]
+    assert unchanged == asked
+    assert grown == asked + 1  # a read showing zzNew is still forwarded
+    assert imdsd_headers(shown)["x-imdsd-source"] == "upstream"
+    for index, target in enumerate(UNRELATED_READS):
+        answer = ours[index]
+        assert imdsd_headers(answer)["x-imdsd-source"] == "cache", target
+        assert (answer.status, answer.body) == (theirs[index].status, theirs[index].body), target
