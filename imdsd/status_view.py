@@ -4,7 +4,10 @@ One line each for the daemon (status, revision, last change), the budget, the st
 and the clients; one line per upstream endpoint and per hook; the busiest callers of the IMDS
 front when there are any. Pure formatting: :func:`render_status` takes the document and the
 current time and returns text (with ANSI colours when asked), so it is tested without a
-daemon. Missing or odd fields are shown as ``-`` rather than failing.
+daemon. Missing or odd fields are shown as ``-`` rather than failing. Every string of the
+document (command names of the front's callers, hook names, errors from hooks and IMDS) is
+shown with its non-printable characters escaped (:func:`imdsd.printable.printable`), so none
+of them can drive the reader's terminal; the only escape sequences are the colours added here.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+from imdsd.printable import printable
 
 GOOD = frozenset({"ok"})
 WARN = frozenset({"degraded", "starting", "absent", "running"})
@@ -223,8 +228,20 @@ def _callers(doc: Mapping[str, Any]) -> list[str]:
     return ["top callers (IMDS front)", *_table(rows)] if rows else []
 
 
+def _printable(value: Any) -> Any:
+    """``value`` with every string in it (keys too) made :func:`printable`."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, Mapping):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(item) for item in value]
+    return value
+
+
 def render_status(doc: Mapping[str, Any], now: datetime, *, colour: bool = False) -> str:
     """The status summary for a terminal; ``now`` is the wall clock (aware)."""
+    doc = _printable(doc)
     s = _Style(colour)
     lines = _headline(doc, s, now)
     lines += _upstream(doc, s, now)

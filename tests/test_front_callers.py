@@ -333,3 +333,34 @@ def test_remembered_sockets_never_name_a_process_that_no_longer_holds_them(
                 found = resolver.pid_of(inode)
                 assert found in holders if holders else found is None
         assert len(resolver._sockets) <= capacity
+
+
+@given(st.text(max_size=15), st.lists(st.text(), max_size=4))
+def test_command_names_are_printable(comm: str, argv: list[str]) -> None:
+    """A process picks its own name and script path; neither reaches a terminal raw."""
+    assert command_name(comm, argv).isprintable()
+    assert command_name(comm, ["python3", f"/tmp/{comm}"]).isprintable()
+
+
+RENAMED = """
+import sys
+with open("/proc/self/comm", "w") as comm:
+    comm.write(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_process_that_names_itself_an_escape_sequence_is_shown_escaped() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", RENAMED, "\033[2J\033]0;x\007"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        command, _ = Resolver().process(child.pid)
+        assert child.stdin is not None
+        child.stdin.close()
+    assert command == "\\x1b[2J\\x1b]0;x\\x07"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -305,3 +306,50 @@ async def test_a_real_daemon_reports_its_last_change(tmp_path: Path) -> None:
             again = json.loads((await proc.get("/v1/health")).body)
             assert again["last_change"]["revision"] >= change["revision"]
             assert await proc.stop() == 0
+
+
+SGR = re.compile("\033\\[[0-9;]*m")
+HOSTILE = "\033[2J\033]0;owned\007\r\u202eevil\x9b"
+
+
+def _poisoned(value: Any, text: str) -> Any:
+    """``value`` with ``text`` appended to every string in it, and to the upstream names."""
+    if isinstance(value, str):
+        return value + text
+    if isinstance(value, dict):
+        out = {k: _poisoned(v, text) for k, v in value.items()}
+        if isinstance(out.get("upstream"), dict):
+            out["upstream"] = {k + text: v for k, v in out["upstream"].items()}
+        return out
+    if isinstance(value, list):
+        return [_poisoned(item, text) for item in value]
+    return value
+
+
+def _assert_inert(out: str) -> None:
+    """Nothing but our colours and line ends may act on a terminal."""
+    for line in SGR.sub("", out).split("\n"):
+        assert line.isprintable(), repr(line)
+
+
+CALLER = {"uid": 65534, "pid": 4242, "command": "curl", "requests": 3, "cached": 1,
+          "forwarded": 1, "queued": 0, "refused": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_strings_from_callers_hooks_and_the_daemon_cannot_drive_the_terminal(
+    colour: bool,
+) -> None:
+    doc = health(callers=[CALLER], reason="starting")
+    doc["state_save"].update(ok=False, last_error="disk full")
+    out = render_status(_poisoned(doc, HOSTILE), NOW, colour=colour)
+    _assert_inert(out)
+    shown = "\\x1b[2J\\x1b]0;owned\\x07\\x0d\\u202eevil\\x9b"
+    for where in ("curl", "notify", "HTTP 500 from IMDS", "starting", "scheduled_events", "full"):
+        assert where + shown in out
+
+
+@given(st.text())
+def test_no_string_in_the_document_reaches_the_terminal_raw(text: str) -> None:
+    doc = _poisoned(health(callers=[CALLER], reason="why"), text)
+    _assert_inert(render_status(doc, NOW, colour=True))

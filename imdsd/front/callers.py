@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from imdsd.front import sockdiag
+from imdsd.printable import printable
 
 Address = tuple[str, int]
 ESTABLISHED = 0x01
@@ -134,7 +135,13 @@ INTERPRETERS = re.compile(r"^(python[0-9.]*|perl|ruby|node|nodejs|java|bash|sh|d
 def command_name(comm: str, argv: list[str]) -> str:
     """The command to show for a process: its name, or for an interpreter running a script
     (``python3 /usr/sbin/waagent ...``) the interpreter and the script's file name
-    (``python3 waagent``). No other argument is shown (arguments may hold secrets)."""
+    (``python3 waagent``). No other argument is shown (arguments may hold secrets).
+    Characters that are not printable are escaped (:func:`~imdsd.printable.printable`): a
+    process chooses its own name, and it is shown on root's terminal."""
+    return printable(_command(comm, argv))
+
+
+def _command(comm: str, argv: list[str]) -> str:
     if not INTERPRETERS.match(comm):
         return comm
     for arg in argv[1:]:
