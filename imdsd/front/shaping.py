@@ -7,10 +7,10 @@ caller asking for a newer version cannot be answered exactly and is forwarded in
 (:func:`instance_at` returns None).
 
 A field the table does not know (IMDS added it, its first version is unknown) makes only the
-reads that would show it inexact (:meth:`Shaped.exact`): the field itself and what lies below
-it, and every node above it, except that a ``format=text`` listing shows only the names of
-its node's children, so only the listing of the field's own parent shows it. Every other read
-at an older version is still answered from the cache.
+reads that would show it inexact (:meth:`Shaped.exact`): reads of the field or below it, and
+reads of the nodes above it, whose JSON holds it; a ``format=text`` listing shows only the
+names of its node's children, so of those listings only the field's parent's shows it. Every
+other read at an older version is still answered from the cache.
 """
 
 from __future__ import annotations
