@@ -2,13 +2,15 @@
 
 In a namespace this module creates (``netns_support``), the emulator listens on port 80 of
 every address, ``169.254.169.254`` included (an address on the namespace's ``lo``), with IMDS's
-5 requests/s limit; imdsd runs with ``[front] listen = "127.0.0.1:<port>"`` and
-``redirect = true``. Real clients, with their built-in IMDS address, must get correct answers
-through imdsd: curl, cloud-init's Azure datasource, WALinuxAgent's ImdsClient (Debian
-packages, run with the system python3) and azure-identity's ManagedIdentityCredential. While
+5 requests/s limit; imdsd runs with ``[front] listen = "127.0.0.1:169"`` (a port only root can
+bind, as the redirect requires) and ``redirect = true``. Real clients, with their built-in
+IMDS address, must get correct answers through imdsd: curl, cloud-init's Azure datasource,
+WALinuxAgent's ImdsClient (Debian packages, run with the system python3) and azure-identity's
+ManagedIdentityCredential. While
 50 simulated agents poll, the emulator sees only imdsd's budgeted traffic. After imdsd stops
 (SIGTERM; SIGKILL followed by the unit's ``ExecStopPost=imdsd redirect remove``) the rules are
-gone and the same clients reach the emulator directly.
+gone and the same clients reach the emulator directly; restarted after a SIGKILL while another
+process holds the front's port, imdsd removes the stale rules first and keeps running, degraded.
 
 The emulator's control API is reached at ``127.0.0.1:80``, which the redirect leaves alone.
 """
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns_support import IMDS, IMDSD, SYSTEM_PYTHON, Netns, free_port, needs_netns, netns
+from netns_support import IMDS, IMDSD, SYSTEM_PYTHON, Netns, needs_netns, netns
 
 pytestmark = [needs_netns, pytest.mark.slow]
 
+FRONT_PORT = 169  # below 1024: only root can bind it (config refuses others with the redirect)
 INSTANCE = f"http://{IMDS}/metadata/instance?api-version=2021-02-01"
 TOKEN = (
     f"http://{IMDS}/metadata/identity/oauth2/token?api-version=2018-02-01"
@@ -87,7 +90,7 @@ class Stack:
 
     def __init__(self, ns: Netns, tmp: Path) -> None:
         self.ns = ns
-        self.port = free_port()
+        self.port = FRONT_PORT
         self.socket = str(tmp / "imdsd.sock")
         self.config = tmp / "imdsd.toml"
         (tmp / "state").mkdir()
@@ -135,15 +138,24 @@ class Stack:
         return json.loads(done.stdout)
 
     def front(self) -> dict[str, Any]:
+        front: dict[str, Any] = self.health()["front"]
+        return front
+
+    def health(self, *, reachable: bool = True) -> dict[str, Any]:
+        """``imdsd status --json`` (whatever its exit status says of the health); ``{}`` when
+        imdsd does not answer and ``reachable`` is False."""
         done = subprocess.run(
             [IMDSD, "status", "--json", "--socket", self.socket],
             capture_output=True,
             text=True,
-            check=True,
+            check=False,
             timeout=10,
         )
-        front: dict[str, Any] = json.loads(done.stdout)["front"]
-        return front
+        if not done.stdout and not reachable:
+            return {}
+        assert done.stdout, done.stderr
+        health: dict[str, Any] = json.loads(done.stdout)
+        return health
 
     def close(self) -> None:
         for proc in (self.daemon, self.emulator):
@@ -284,3 +296,56 @@ def test_reload_switches_the_redirect(stack: Stack) -> None:
     _wait_status(stack, 0)
     headers, _ = _curl(stack, INSTANCE)
     assert headers["server"].startswith("imdsd/")
+
+
+SQUATTER = """
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(16)
+print("bound", flush=True)
+body = b'{"compute": {"vmId": "forged"}}'
+while True:
+    conn, _ = listener.accept()
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nServer: squatter\\r\\nContent-Type: application/json\\r\\n"
+                 b"Content-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s" % (len(body), body))
+    conn.close()
+"""
+
+
+def test_restart_with_the_front_port_taken_clears_stale_rules_and_degrades(stack: Stack) -> None:
+    """Killed outside systemd, imdsd leaves its rules; another process then holds the front's
+    port. The restarted imdsd removes the rules before binding anything and keeps running
+    (``degraded``, no redirect): agents reach IMDS, never the process holding the port."""
+    assert stack.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert "table ip imdsd" in stack.ns.ruleset()
+    squatter = stack.ns.spawn(
+        [sys.executable, "-c", SQUATTER, str(stack.port)], stdout=subprocess.PIPE
+    )
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline() == b"bound\n"
+        with stack.log.open("ab") as log:
+            stack.daemon = stack.ns.spawn([IMDSD, "run", "-c", str(stack.config)], stderr=log)
+        deadline = time.monotonic() + 20
+        while "reason" not in (health := stack.health(reachable=False)):
+            assert stack.daemon.poll() is None, stack.log.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"imdsd never reported the front: {health}"
+            time.sleep(0.1)
+        assert health["status"] == "degraded"
+        assert health["reason"].startswith(f"front.listen: cannot listen on 127.0.0.1:{stack.port}")
+        assert health["redirect"]["installed"] is False
+        assert "imdsd" not in stack.ns.ruleset()
+        headers, body = _curl(stack, f"{INSTANCE}&format=json")
+        assert headers["server"].startswith("imdsd-emulator/")
+        assert json.loads(body)["compute"]["vmId"] != "forged"
+        assert stack.stop(signal.SIGTERM) == 0
+    finally:
+        squatter.kill()
+        squatter.communicate()
+        if stack.daemon is not None:
+            stack.stop(signal.SIGKILL)
+        stack.ns.run([IMDSD, "redirect", "remove"])
+        stack.start()
