@@ -27,6 +27,7 @@ cache see those segments, and a forwarded request carries the target rebuilt fro
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
@@ -44,6 +45,7 @@ JSON_TYPE = "application/json; charset=utf-8"
 BAD_PATH = "Bad request. The path is not valid UTF-8"
 _SEGMENT_SAFE = "!$&'()*+,;=:@"  # RFC 3986 pchar, besides the unreserved characters
 _DOTS = frozenset({".", ".."})
+_QUOTED = re.compile(r"[^A-Za-z0-9._~!$&'()*+,;=:@-]")  # what quote() would change
 
 
 class Endpoint(enum.StrEnum):
@@ -136,12 +138,14 @@ def canonical_segments(raw_path: str) -> list[str] | Refusal:
     """The decoded, non-empty segments of a raw path, or IMDS's refusal of it (a dot
     segment: 404; bytes that are not UTF-8: 400)."""
     try:
-        segments = split_path(unquote(raw_path, errors="strict"))
+        decoded = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
     except UnicodeDecodeError:
         return Refusal("path", 400, error_body(BAD_PATH))
-    for segment in segments:
-        if segment in _DOTS or ("\\" in segment and not _DOTS.isdisjoint(segment.split("\\"))):
-            return Refusal("path", 404, error_body(imdsrules.NOT_FOUND))
+    segments = split_path(decoded)
+    if "." in decoded:
+        for segment in segments:
+            if segment in _DOTS or ("\\" in segment and not _DOTS.isdisjoint(segment.split("\\"))):
+                return Refusal("path", 404, error_body(imdsrules.NOT_FOUND))
     return segments
 
 
@@ -150,7 +154,10 @@ def canonical_target(endpoint: Endpoint, segments: list[str], raw_query: str) ->
     in lower case), with the query as it came."""
     if endpoint is not Endpoint.OTHER:
         segments = [segment.lower() for segment in segments[:2]] + segments[2:]
-    path = "/" + "/".join(quote(segment, safe=_SEGMENT_SAFE) for segment in segments)
+    path = "/" + "/".join(
+        quote(segment, safe=_SEGMENT_SAFE) if _QUOTED.search(segment) else segment
+        for segment in segments
+    )
     return f"{path}?{raw_query}" if raw_query else path
 
 
