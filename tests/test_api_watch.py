@@ -22,6 +22,7 @@ from test_api_support import (
 )
 
 from imdsd.api.access import REDACTED
+from imdsd.api.cursor import ServerCursor
 from imdsd.api.server import ApiServer
 from imdsd.api.watch import _Parked
 from imdsd.httpio import ClientConnection, Responder, Response, open_unix
@@ -426,14 +427,15 @@ async def test_deliver_leaves_a_frame_taken_but_not_yet_written_to_the_task(
             return b""
 
     subscription = ctx.subscribe(16, ctx.revision)
-    parked = _Parked(cast(Responder, Recorder()), subscription, None, "full", ctx.revision)
+    cursor = ServerCursor(api.lines, None, "full", ctx.revision)
+    parked = _Parked(cast(Responder, Recorder()), subscription, cursor)
     taken = ctx.tag("a", "1")  # queued while the watcher was not parked
     assert subscription.receive_nowait() is taken  # the task took it; its write is to come
     api.watchers._parked[id(parked)] = parked
     ctx.listeners.append(api.deliver)
     ctx.tag("b", "2")
     assert written == []
-    assert parked.last == taken.revision - 1
+    assert parked.cursor.last == taken.revision - 1
     assert subscription.pending == 1  # the newer frame waits for the task, in order
 
 

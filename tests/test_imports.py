@@ -17,6 +17,7 @@ import pytest
 CORE = (
     "imdsd.api.access",
     "imdsd.api.context",
+    "imdsd.api.cursor",
     "imdsd.api.lines",
     "imdsd.api.metrics",
     "imdsd.api.params",

@@ -8,6 +8,7 @@
 - :mod:`imdsd.api.v1`: imdsd's own endpoints, /v1/... and /metrics (sans-IO).
 - :mod:`imdsd.api.access`: restricted paths, peer credentials policy, redaction (sans-IO).
 - :mod:`imdsd.api.lines`: NDJSON frame lines encoded once per revision (sans-IO).
+- :mod:`imdsd.api.cursor`: the server side of the watch protocol, per stream (sans-IO).
 - :mod:`imdsd.api.watch`: watch streams and long polls (trio).
 - :mod:`imdsd.api.metrics`: Prometheus metrics registry.
 - :mod:`imdsd.api.server`: listeners and dispatch (trio).

@@ -8,18 +8,21 @@ write that does not complete within ``write_timeout`` (a peer that stopped readi
 stream: its subscription has long overflowed and been dropped by then, so it costs nothing
 meanwhile. When the daemon stops (the broadcaster closes), each stream ends with a final
 bookmark naming the revision to resume from.
+
+What to write is decided by each stream's :class:`~imdsd.api.cursor.ServerCursor` (sans-IO);
+this module receives frames, writes the cursor's lines and ends streams when told.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 import trio
 
 from imdsd.api.context import ApiContext
-from imdsd.api.lines import FrameLines, bookmark_line, events_body, gone_line, overflow_line
+from imdsd.api.cursor import ServerCursor, open_stream
+from imdsd.api.lines import FrameLines, events_body
 from imdsd.api.metrics import Metrics
 from imdsd.api.routes import JSON_TYPE, EventsCall, Router, WatchCall, error
 from imdsd.broadcast import Overflowed, Subscription
@@ -39,29 +42,17 @@ class _Stuck(Exception):
     """A write did not complete in time."""
 
 
-class _Progress:
-    """A long poll's answer so far: the last revision looked at and the matching lines."""
-
-    __slots__ = ("last", "lines")
-
-    def __init__(self, last: int) -> None:
-        self.last = last
-        self.lines: list[bytes] = []
-
-
 class _Parked:
     """A watch stream waiting for its next frame, which :meth:`Watchers.deliver` may write."""
 
-    __slots__ = ("failure", "kinds", "last", "level", "responder", "rest", "subscription")
+    __slots__ = ("cursor", "failure", "responder", "rest", "subscription")
 
     def __init__(
-        self, responder: Responder, subscription: Subscription, kinds: Any, level: Any, last: int
+        self, responder: Responder, subscription: Subscription, cursor: ServerCursor
     ) -> None:
         self.responder = responder
         self.subscription = subscription
-        self.kinds = kinds
-        self.level = level
-        self.last = last
+        self.cursor = cursor
         self.rest = b""
         self.failure: HttpIOError | None = None
 
@@ -154,47 +145,32 @@ class Watchers:
             await responder.send(reply.status, reply.headers, reply.body)
             return
         with subscription:
-            first: list[bytes] = []
-            backlog: list[ChangeFrame] = []
-            if call.since is None:
-                state = self.router.state_line(call.level)
-                if state is None:
-                    reply = error(503, "no instance document yet: imdsd is starting")
-                    await responder.send(reply.status, reply.headers, reply.body)
-                    return
-                last, line = state
-                first.append(line)
-            else:
-                found = self.ctx.frames_since(call.since)
-                if isinstance(found, GoneFrame):
-                    await responder.start(200, NDJSON_HEADERS)
-                    await responder.write(gone_line(found.oldest))
-                    await responder.end()
-                    return
-                last, backlog = call.since, found
+            opening = open_stream(call, self.lines, self.ctx, self.router.state_line)
+            if opening is None:
+                reply = error(503, "no instance document yet: imdsd is starting")
+                await responder.send(reply.status, reply.headers, reply.body)
+                return
+            cursor = opening.cursor
+            if cursor is None:  # gone
+                await responder.start(200, NDJSON_HEADERS)
+                for line in opening.first:
+                    await responder.write(line)
+                await responder.end()
+                return
+            following: ServerCursor = cursor  # narrowed for the closure
 
             async def run() -> None:
                 await responder.start(200, NDJSON_HEADERS)
-                for line in first:
+                for line in opening.first:
                     await self._write(responder, line)
-                await self._follow(call, responder, subscription, backlog, last)
+                await self._follow(responder, subscription, following)
 
             await self._guarded(responder, run)
 
     async def _follow(
-        self,
-        call: WatchCall,
-        responder: Responder,
-        subscription: Subscription,
-        backlog: list[ChangeFrame],
-        last: int,
+        self, responder: Responder, subscription: Subscription, cursor: ServerCursor
     ) -> None:
-        for old in backlog:
-            line = self.lines.line(old, call.kinds, call.level)
-            if line is not None:
-                await self._write(responder, line)
-            last = old.revision
-        parked = _Parked(responder, subscription, call.kinds, call.level, last)
+        parked = _Parked(responder, subscription, cursor)
         while True:
             self._parked[id(parked)] = parked
             frame: ChangeFrame | None = None
@@ -208,7 +184,6 @@ class Watchers:
                 closed = True
             finally:
                 del self._parked[id(parked)]
-            last = max(last, parked.last)
             if parked.failure is not None:
                 raise parked.failure
             if parked.rest:
@@ -219,36 +194,18 @@ class Watchers:
                     raise _Stuck
             if overflowed:
                 self.metrics.watch_overflow()
-                await self._write(responder, overflow_line(last))
+                await self._write(responder, cursor.overflow())
                 await responder.end()
                 return
-            if closed:
-                await self._write(responder, bookmark_line(self._caught_up(last, subscription)))
-                await responder.end()
-                return
-            if frame is None:  # heartbeat
-                last = parked.last = self._caught_up(last, subscription)
-                await self._write(responder, bookmark_line(last))
+            if frame is None:  # a heartbeat, or the daemon stopping
+                await self._write(responder, cursor.bookmark(self.ctx, subscription.pending))
+                if closed:
+                    await responder.end()
+                    return
                 continue
-            if frame.revision <= last:
-                continue
-            line = self.lines.line(frame, call.kinds, call.level)
+            line = cursor.take(frame)
             if line is not None:
                 await self._write(responder, line)
-            last = parked.last = frame.revision
-
-    def _caught_up(self, last: int, subscription: Subscription | None = None) -> int:
-        """``last``, or the current revision when no frame lies between them.
-
-        Revisions without a change frame (a document that appeared, content that changed
-        with no reported change) move the revision too: a bookmark or an empty long-poll
-        answer names the current one once nothing is pending, so a resume starts there.
-        """
-        current = self.ctx.revision
-        if current <= last or (subscription is not None and subscription.pending):
-            return last
-        found = self.ctx.frames_since(last)
-        return current if isinstance(found, list) and not found else last
 
     def deliver(self, frame: ChangeFrame) -> None:
         """Write ``frame`` at once to every watcher parked waiting for it (no task switch).
@@ -263,20 +220,20 @@ class Watchers:
         to thousands of watchers to one non-blocking write each.
         """
         for parked in list(self._parked.values()):
-            if parked.rest or parked.failure is not None or frame.revision <= parked.last:
+            if parked.rest or parked.failure is not None:
                 continue
-            if parked.subscription.pending or parked.subscription.revision > parked.last:
+            subscription = parked.subscription
+            line = parked.cursor.take_now(frame, subscription.pending, subscription.revision)
+            if line is None:
                 continue  # frames queued, or taken and not yet written: the task goes first
-            line = self.lines.line(frame, parked.kinds, parked.level)
-            if line is not None:
+            if line:
                 try:
                     parked.rest = parked.responder.write_nowait(line)
                 except HttpIOError as exc:
                     parked.failure = exc
                     continue
-            parked.last = frame.revision
             if not parked.rest:
-                parked.subscription.advance(frame.revision)
+                subscription.advance(frame.revision)
 
     # ------------------------------------------------------------------ /v1/events
 
@@ -288,56 +245,49 @@ class Watchers:
             await responder.send(reply.status, reply.headers, reply.body)
             return
         with subscription:
-            found = self.ctx.frames_since(call.since)
-            if isinstance(found, GoneFrame):
+            cursor = ServerCursor(self.lines, call.kinds, call.level, call.since)
+            lines = cursor.replay(self.ctx)
+            if isinstance(lines, GoneFrame):
                 reply = error(
                     410,
                     f"revision {call.since} is not in the kept history; "
-                    f"the oldest revision to resume from is {found.oldest}",
-                    oldest=found.oldest,
+                    f"the oldest revision to resume from is {lines.oldest}",
+                    oldest=lines.oldest,
                 )
                 await responder.send(reply.status, reply.headers, reply.body)
                 return
-            progress = _Progress(call.since)
-            self._take(call, found, progress)
-            if not progress.lines and call.wait > 0:
+            if not lines and call.wait > 0:
+                collected: list[bytes] = lines  # filled by wait() (narrowed for the closure)
 
                 async def wait() -> None:
                     with trio.move_on_after(call.wait):
-                        await self._wait_for_lines(call, subscription, progress)
+                        await self._wait_for_lines(subscription, cursor, collected)
 
                 if await self._guarded(responder, wait):
                     return
-            last = self._caught_up(progress.last)
-            await responder.send(200, JSON_HEADERS, events_body(last, progress.lines))
-
-    def _take(self, call: EventsCall, frames: list[ChangeFrame], progress: _Progress) -> None:
-        for frame in frames:
-            if frame.revision <= progress.last:
-                continue
-            line = self.lines.line(frame, call.kinds, call.level)
-            if line is not None:
-                progress.lines.append(line)
-            progress.last = frame.revision
+            body = events_body(cursor.caught_up(self.ctx), lines)
+            await responder.send(200, JSON_HEADERS, body)
 
     async def _wait_for_lines(
-        self, call: EventsCall, subscription: Subscription, progress: _Progress
+        self, subscription: Subscription, cursor: ServerCursor, lines: list[bytes]
     ) -> None:
         """Receive live frames until one matches, then take whatever else is pending."""
-        while not progress.lines:
+        while not lines:
             try:
                 frame = await subscription.receive()
             except Overflowed:
-                found = self.ctx.frames_since(progress.last)
-                if not isinstance(found, GoneFrame):
-                    self._take(call, found, progress)
+                more = cursor.replay(self.ctx)
+                if not isinstance(more, GoneFrame):
+                    lines.extend(more)
                 return
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            self._take(call, [frame], progress)
+            if (line := cursor.take(frame)) is not None:
+                lines.append(line)
         while True:
             try:
                 frame = subscription.receive_nowait()
             except (trio.WouldBlock, Overflowed, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            self._take(call, [frame], progress)
+            if (line := cursor.take(frame)) is not None:
+                lines.append(line)
