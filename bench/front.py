@@ -29,7 +29,7 @@ from benchkit import cpu_seconds, percentile, python, request, wait_until
 from report import fmt
 
 IMDS = "169.254.169.254"
-FRONT_PORT = 8169
+FRONT_PORT = 169  # below 1024: with redirect = true only root may bind the front
 AGENTS = 50
 TOKEN_PROCESSES = 10
 QUEUE_TIMEOUT = 5.0
