@@ -14,6 +14,7 @@ one over the limit gets IMDS's 429 and is closed) and access to restricted paths
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ FD_NAME: Final = "front"
 MAX_CONNECTIONS: Final = 1024  # agents hold few connections each; see ConnectionQuota
 PER_UID: Final = MAX_CONNECTIONS // 4  # no uid holds more
 RESERVE: Final = MAX_CONNECTIONS // 4  # kept for root and restricted_allow_uids
+SPARE: Final = 64  # kept for connections being looked up or refused
 TOP_CALLERS: Final = 10
 MAX_HEAD_LENGTH: Final = 1 << 20  # the longest IMDS answer the upstream client reads
 LIMITS: Final = ServerLimits(
@@ -161,12 +163,43 @@ def _address(name: Any) -> Address | None:
 class FrontHttp(HttpServer):
     """The front's :class:`HttpServer`: each connection's caller is looked up right after
     accept and admitted by its uid (:class:`~imdsd.front.quota.ConnectionQuota`); one over
-    its limits is answered IMDS's 429 at once and closed."""
+    its limits is answered IMDS's 429 at once and closed.
+
+    It never holds more than :data:`MAX_CONNECTIONS` sockets (the descriptors the daemon
+    keeps for it), those being looked up or refused included: at that many it accepts no
+    more until one closes (new ones wait in the kernel's backlog, they are not refused).
+    Admitted connections leave :data:`SPARE` of them for lookups and refusals, so a uid over
+    its limit is still answered at once.
+    """
 
     def __init__(self, front: FrontServer) -> None:
         super().__init__(front.handle, LIMITS, max_connections=MAX_CONNECTIONS)
         self.front = front
-        self.quota = ConnectionQuota(MAX_CONNECTIONS, PER_UID, RESERVE)
+        self.quota = ConnectionQuota(MAX_CONNECTIONS - SPARE, PER_UID, RESERVE)
+        self.room = trio.Semaphore(MAX_CONNECTIONS)
+
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        while True:
+            await self.room.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                self.room.release()
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    log.warning("front accept failed, pausing", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            except BaseException:
+                self.room.release()
+                raise
+            nursery.start_soon(self._holding_room, stream)
+
+    async def _holding_room(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self.handle(stream)
+        finally:
+            self.room.release()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted stream if its caller's uid may hold one more connection."""
