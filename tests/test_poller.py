@@ -14,7 +14,7 @@ import trio.testing
 from emulator_support import start_emulator
 from structlog.testing import capture_logs
 
-from imdsd import poller
+from imdsd import httpio, poller
 from imdsd.config import Config, ImdsConfig, PollConfig
 from imdsd.health import HealthBoard, Transition
 from imdsd.model import Instance, Snapshot
@@ -27,6 +27,7 @@ from imdsd.poller import (
 )
 from imdsd.upstream.budget import Budget
 from imdsd.upstream.client import ImdsClient
+from imdsd.upstream.errors import LOOP_MESSAGE
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -252,6 +253,70 @@ async def test_one_log_line_per_state_change_not_per_retry(
         ("stale", "ok"),
     ]
     assert transitions[1].error == "HTTP 429: Too many requests"
+    running.scope.cancel()
+
+
+@dataclass
+class LoopingFront:
+    """Relays to the emulator, or (``looping``) answers from its copy as an imdsd front does."""
+
+    port: int
+    looping: bool = False
+    kept: dict[str, bytes] | None = None
+
+    async def handle(self, request: httpio.Request, responder: httpio.Responder) -> None:
+        kept = self.kept if self.kept is not None else {}
+        self.kept = kept
+        headers = [(b"content-type", b"application/json")]
+        path = request.target.partition("?")[0]
+        if self.looping and path in kept:
+            headers += [(b"x-imdsd-source", b"cache"), (b"x-imdsd-stale", b"false")]
+            await responder.send(200, headers, kept[path])
+            return
+        conn = httpio.ClientConnection(await httpio.open_tcp("127.0.0.1", self.port, 5))
+        sent = [(k.decode(), v.decode()) for k, v in request.headers]
+        answer = await conn.request(request.method, request.target, sent, b"", timeout=10)
+        await conn.aclose()
+        if answer.status == 200:
+            kept[path] = answer.body
+        await responder.send(answer.status, headers, answer.body)
+
+
+async def test_a_loop_into_a_front_is_a_failure_and_its_cache_is_never_applied(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transitions = record_transitions(monkeypatch)
+    emulator = await start_emulator(nursery)
+    front = LoopingFront(emulator.port)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(httpio.HttpServer(front.handle).serve, listeners)
+    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    config = make_config(url, instance=10.0, scheduled_events=0.0, loadbalancer=0.0)
+    running = await start_pollers(nursery, config)
+    good = await running.holder.wait_for(lambda s: s.instance is not None)
+    updates = running.holder.updates
+    front.looping = True
+    await emulator.control("PATCH", "instance", {"compute": {"vmSize": "Standard_LOOPTEST"}})
+    health = running.board["instance"]
+    for _ in range(6):
+        await trio.sleep(10)
+        assert running.holder.updates == updates
+        assert running.holder.snapshot is good
+        assert health.state(trio.current_time()) != "ok"
+    assert running.board.status(trio.current_time()) != "ok"
+    assert health.last_error == f"protocol: {LOOP_MESSAGE}"
+    assert health.failures["service"] >= 6
+    assert [(t.old, t.new) for t in transitions] == [
+        ("starting", "ok"),
+        ("ok", "degraded"),
+        ("degraded", "stale"),
+    ]
+    assert transitions[1].error == f"protocol: {LOOP_MESSAGE}"
+    front.looping = False
+    fresh = await running.holder.wait_for(lambda s: s is not good)
+    assert fresh.instance is not None
+    assert fresh.instance.compute.vm_size == "Standard_LOOPTEST"
+    assert health.state(trio.current_time()) == "ok"
     running.scope.cancel()
 
 
