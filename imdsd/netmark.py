@@ -2,7 +2,9 @@
 
 The nftables redirect (:mod:`imdsd.redirect`) sends local TCP to ``169.254.169.254:80`` to the
 front. imdsd's upstream sockets get ``SO_MARK`` :data:`UPSTREAM_MARK` before they connect, and
-the redirect's first rule lets packets with that mark through untouched. The exclusion is per
+the redirect's first rule lets packets of sockets with that mark through untouched: it
+matches the socket's mark (``socket mark``), which other nftables rules that rewrite the
+packet's mark (policy routing, CONNMARK restore) do not change. The exclusion is per
 socket, not per uid: WALinuxAgent runs as root, and so may imdsd, and only imdsd's upstream
 connections are exempt (its hooks and every other root process are redirected).
 

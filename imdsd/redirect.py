@@ -3,11 +3,25 @@
 The rules live in their own table, ``table ip imdsd``, with one ``nat`` chain on the
 ``output`` hook (locally generated packets only)::
 
-    meta mark 0x1d5d return                                  # imdsd's own upstream sockets
+    socket mark 0x1d5d return                                # imdsd's own upstream sockets
     ip daddr 169.254.169.254 tcp dport 80 dnat to <front>    # every other local process
 
 imdsd marks its upstream sockets (:mod:`imdsd.netmark`), so the exclusion is per socket and
-root-owned agents (WALinuxAgent) are still redirected. Install and remove are atomic and
+root-owned agents (WALinuxAgent) are still redirected.
+
+The exemption matches the *socket's* mark (``socket mark``: the ``SO_MARK`` imdsd set, read
+from the packet's owning socket), not the packet's (``meta mark``). Other rules may change a
+packet's mark before this chain sees it: an ``output`` route chain setting a policy-routing
+mark (``meta mark set 0x11d5d``, priority mangle, runs before nat), a CONNMARK restore, a
+``mark or``. With ``meta mark 0x1d5d`` such a rule made imdsd's own traffic miss the
+exemption and loop into its own front; a masked match (``meta mark and 0x1d5d == 0x1d5d``)
+would survive bits ORed in but not a mark overwritten. Nothing but imdsd (with
+``CAP_NET_ADMIN``) changes its socket's mark, so ``socket mark`` survives all of these. It
+needs Linux 5.1 or later (the ``socket`` expression's ``mark`` key in the output hook). Should
+the exemption still be missed, the upstream client recognises the front's answers
+(:class:`imdsd.upstream.errors.ThroughFront`) and never takes them for IMDS's.
+
+Install and remove are atomic and
 idempotent: one ``nft -f`` transaction creates the table if missing, deletes it and (install)
 creates it again. Only new connections are affected; established ones keep their path.
 
@@ -38,6 +52,11 @@ NFT_TIMEOUT: Final = 10.0
 _SBIN_PATH: Final = "/usr/sbin:/sbin"
 
 
+_OLD_MATCH: Final = (
+    " [matched on the packet mark, which other rules can change: reinstall the redirect]"
+)
+
+
 class RedirectError(Exception):
     """The redirect could not be installed, removed or read; the message says why."""
 
@@ -49,6 +68,7 @@ class RedirectState:
     active: bool
     target: tuple[str, int] | None = None
     exempt_mark: int | None = None
+    exempt_match: str = "socket mark"
 
     def describe(self) -> str:
         """One human line, e.g. ``active: tcp 169.254.169.254:80 -> 127.0.0.1:8169 ...``."""
@@ -59,6 +79,7 @@ class RedirectState:
         return (
             f"active: tcp {IMDS_ADDRESS}:{IMDS_PORT} -> {target}, "
             f"except sockets marked {mark} (imdsd's upstream)"
+            + ("" if self.exempt_match == "socket mark" else _OLD_MATCH)
         )
 
 
@@ -102,7 +123,7 @@ def install_script(target: tuple[str, int], mark: int = UPSTREAM_MARK) -> str:
         f"table {FAMILY} {TABLE} {{",
         f"    chain {CHAIN} {{",
         "        type nat hook output priority -100; policy accept;",
-        f'        meta mark 0x{mark:x} return comment "imdsd upstream"',
+        f'        socket mark 0x{mark:x} return comment "imdsd upstream"',
         f"        ip daddr {IMDS_ADDRESS} tcp dport {IMDS_PORT} dnat to {host}:{port}"
         ' comment "imdsd front"',
         "    }",
@@ -124,6 +145,7 @@ def parse_table(listing: str) -> RedirectState:
         raise RedirectError(f"cannot read nft's JSON listing: {exc}") from exc
     target: tuple[str, int] | None = None
     mark: int | None = None
+    match_key = "socket mark"
     for item in items:
         rule = item.get("rule") if isinstance(item, dict) else None
         if not isinstance(rule, dict):
@@ -135,10 +157,13 @@ def parse_table(listing: str) -> RedirectState:
             if isinstance(dnat, dict) and "addr" in dnat:
                 target = (str(dnat["addr"]), int(dnat.get("port", IMDS_PORT)))
             match = expr.get("match")
-            if isinstance(match, dict) and match.get("left") == {"meta": {"key": "mark"}}:
-                right = match.get("right")
-                mark = right if isinstance(right, int) else mark
-    return RedirectState(True, target, mark)
+            left = match.get("left") if isinstance(match, dict) else None
+            for key in ("socket", "meta"):
+                if isinstance(match, dict) and left == {key: {"key": "mark"}}:
+                    right = match.get("right")
+                    mark = right if isinstance(right, int) else mark
+                    match_key = f"{key} mark"
+    return RedirectState(True, target, mark, match_key)
 
 
 # -------------------------------------------------------------------------- I/O: nft
@@ -213,5 +238,6 @@ def state_json(state: RedirectState, answering: bool | None) -> dict[str, Any]:
         "match": f"tcp {IMDS_ADDRESS}:{IMDS_PORT}",
         "target": f"{state.target[0]}:{state.target[1]}" if state.target else None,
         "exempt_mark": state.exempt_mark,
+        "exempt_match": state.exempt_match,
         "front_answering": answering,
     }

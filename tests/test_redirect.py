@@ -61,7 +61,7 @@ def test_install_script_replaces_the_table_in_one_transaction() -> None:
         "table ip imdsd {\n"
         "    chain output {\n"
         "        type nat hook output priority -100; policy accept;\n"
-        '        meta mark 0x1d5d return comment "imdsd upstream"\n'
+        '        socket mark 0x1d5d return comment "imdsd upstream"\n'
         "        ip daddr 169.254.169.254 tcp dport 80 dnat to 127.0.0.1:8169"
         ' comment "imdsd front"\n'
         "    }\n"
@@ -77,6 +77,11 @@ def test_parse_table_reads_target_and_mark() -> None:
         "active: tcp 169.254.169.254:80 -> 127.0.0.1:8169, "
         "except sockets marked 0x1d5d (imdsd's upstream)"
     )
+    older = redirect.parse_table(
+        (DATA / "nft-imdsd-table.json").read_text().replace('"socket"', '"meta"')
+    )
+    assert older == redirect.RedirectState(True, ("127.0.0.1", 8169), UPSTREAM_MARK, "meta mark")
+    assert older.describe().endswith("other rules can change: reinstall the redirect]")
     empty = redirect.parse_table('{"nftables": [{"table": {"name": "imdsd"}}]}')
     assert empty == redirect.RedirectState(True, None, None)
     assert redirect.RedirectState(False).describe().startswith("inactive")
@@ -92,6 +97,7 @@ def test_state_json() -> None:
         "match": "tcp 169.254.169.254:80",
         "target": "127.0.0.1:8169",
         "exempt_mark": 0x1D5D,
+        "exempt_match": "socket mark",
         "front_answering": True,
     }
 
@@ -236,6 +242,44 @@ def test_every_local_process_but_marked_sockets_goes_to_the_front(
         assert marked == "imds"  # imdsd's upstream sockets go straight to IMDS
         assert ns.run([IMDSD, "redirect", "remove"]).returncode == 0
         assert _curl(ns) == "imds"
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
+# Rules of the admin's own, in another table, that change the packet mark of every locally
+# generated packet before the redirect's nat chain sees it.
+MARK_CHANGERS = {
+    "policy routing (set)": "meta mark set 0x11d5d",
+    "mark or": "meta mark set meta mark or 0x10000",
+    "connmark restore": "meta mark set ct mark",
+    "overwritten": "meta mark set 0x100",
+}
+
+
+@needs_netns
+@pytest.mark.parametrize("rule", MARK_CHANGERS.values(), ids=MARK_CHANGERS.keys())
+def test_imdsd_reaches_imds_when_another_rule_changes_the_packet_mark(
+    ns: Netns, tmp_path: Path, rule: str
+) -> None:
+    port = free_port()
+    servers = [
+        ns.spawn([sys.executable, "-c", _SERVER, "imds", IMDS, "80"]),
+        ns.spawn([sys.executable, "-c", _SERVER, "front", "127.0.0.1", str(port)]),
+    ]
+    try:
+        ns.wait_tcp(IMDS, 80)
+        ns.wait_tcp("127.0.0.1", port)
+        script = (
+            "table ip admin {\n    chain route_out {\n"
+            "        type route hook output priority mangle; policy accept;\n"
+            f"        {rule}\n    }}\n}}\n"
+        )
+        ns.run(["nft", "-f", "-"], input=script, check=True)
+        assert ns.run([IMDSD, "redirect", "install", "-c", _config(tmp_path, port)]).returncode == 0
+        assert ns.python(_MARKED_GET).strip() == "imds"  # imdsd's upstream still exempt
+        assert _curl(ns) == "front"  # and every other process still redirected
     finally:
         for server in servers:
             server.kill()
