@@ -284,3 +284,56 @@ def test_imdsd_reaches_imds_when_another_rule_changes_the_packet_mark(
         for server in servers:
             server.kill()
             server.wait()
+
+
+def _lockdown(port: int, *, naive: bool) -> str:
+    """An admin's per-uid IMDS lockdown: the plain rule, or the one README gives for the front."""
+    rules = (
+        ["ip daddr 169.254.169.254 tcp dport 80 meta skuid != 0 reject"]
+        if naive
+        else [
+            "ct original ip daddr 169.254.169.254 meta l4proto tcp ct original proto-dst 80"
+            " meta skuid != 0 reject",
+            f"ip daddr 127.0.0.1 tcp dport {port} meta skuid != 0 reject",
+        ]
+    )
+    body = "".join(f"        {rule}\n" for rule in rules)
+    return (
+        "table ip lockdown {\n    chain output {\n"
+        "        type filter hook output priority filter; policy accept;\n"
+        f"{body}    }}\n}}\n"
+    )
+
+
+@needs_netns
+def test_a_per_uid_lockdown_needs_the_readme_rule_to_hold_through_the_front(
+    ns: Netns, tmp_path: Path
+) -> None:
+    port = free_port()
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    servers = [
+        ns.spawn([sys.executable, "-c", _SERVER, "imds", IMDS, "80"]),
+        ns.spawn([sys.executable, "-c", _SERVER, "front", "127.0.0.1", str(port)]),
+    ]
+    try:
+        ns.wait_tcp(IMDS, 80)
+        ns.wait_tcp("127.0.0.1", port)
+        ns.run(["nft", "-f", "-"], input=_lockdown(port, naive=True), check=True)
+        assert _curl(ns, *nobody) == ""  # refused, IMDS direct
+        assert ns.run([IMDSD, "redirect", "install", "-c", _config(tmp_path, port)]).returncode == 0
+        # the nat rewrite to the front comes before the filter hook: the plain rule no longer holds
+        assert _curl(ns, *nobody) == "front"
+        ns.run(["nft", "delete", "table", "ip", "lockdown"], check=True)
+        ns.run(["nft", "-f", "-"], input=_lockdown(port, naive=False), check=True)
+        assert _curl(ns, *nobody) == ""  # through the redirect
+        done = ns.run([*nobody, "curl", "-s", "--max-time", "5", f"http://127.0.0.1:{port}/"])
+        assert done.stdout == ""  # straight to the front
+        assert _curl(ns) == "front"  # root still served by the front
+        assert ns.python(_MARKED_GET).strip() == "imds"  # and imdsd (root) reaches IMDS
+        assert ns.run([IMDSD, "redirect", "remove"]).returncode == 0
+        assert _curl(ns, *nobody) == ""  # the same rule holds without the redirect
+        assert _curl(ns) == "imds"
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
