@@ -17,7 +17,8 @@ mark (``meta mark set 0x11d5d``, priority mangle, runs before nat), a CONNMARK r
 exemption and loop into its own front; a masked match (``meta mark and 0x1d5d == 0x1d5d``)
 would survive bits ORed in but not a mark overwritten. Nothing but imdsd (with
 ``CAP_NET_ADMIN``) changes its socket's mark, so ``socket mark`` survives all of these. It
-needs Linux 5.1 or later (the ``socket`` expression's ``mark`` key in the output hook). Should
+needs the ``socket`` expression's ``mark`` key in the output hook (tested on Linux 6.18); where
+the kernel lacks it, installing fails and agents keep reaching IMDS directly. Should
 the exemption still be missed, the upstream client recognises the front's answers
 (:class:`imdsd.upstream.errors.ThroughFront`) and never takes them for IMDS's.
 
