@@ -12,6 +12,7 @@ import trio
 from imdsd.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, fail
 from imdsd.config import ConfigError, load_config
 from imdsd.daemon import Daemon, fd_reserve
+from imdsd.daemon_stop import ignore_stop_signals, remember_stop_signals
 from imdsd.fdlimit import FdLimitError, ensure_fd_limit
 from imdsd.front.server import FD_NAME as FRONT_FD_NAME
 from imdsd.hooks.tree import become_subreaper
@@ -26,6 +27,7 @@ log = structlog.get_logger("imdsd.daemon")
 
 def run_command(args: argparse.Namespace) -> int:
     """``imdsd run [-c FILE]``: run the daemon in the foreground."""
+    remember_stop_signals()
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -63,5 +65,6 @@ def run_command(args: argparse.Namespace) -> int:
     except PersistError as exc:
         return fail(str(exc), EXIT_FAILURE)
     finally:
+        ignore_stop_signals()
         notifier.close()
     return EXIT_OK

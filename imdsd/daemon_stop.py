@@ -20,11 +20,38 @@ log = structlog.get_logger("imdsd.daemon")
 
 HOOK_SHUTDOWN_DEADLINE: Final = 3.0
 WATCHERS_DRAIN: Final = 1.0
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+_outside_trio: list[int] = []
+
+
+def _remember(signum: int, frame: object) -> None:
+    _outside_trio.append(signum)
+
+
+def remember_stop_signals() -> None:
+    """Before ``trio.run``: SIGTERM and SIGINT outside :func:`handle_signals` are remembered,
+    not fatal. One that comes before trio listens stops the daemon as soon as it runs; one
+    that comes after trio stopped listening (imdsd is already stopping, e.g. a second
+    SIGTERM) changes nothing, so the exit stays 0 instead of death by signal."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _remember)
+
+
+def ignore_stop_signals() -> None:
+    """After the daemon stopped: ignore SIGTERM and SIGINT until the process exits (Python's
+    finalization resets handlers written in Python to the default, which would make a late
+    second SIGTERM a death by signal instead of exit 0)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def handle_signals(daemon: Daemon) -> None:
     """Reload on SIGHUP, stop on SIGTERM or SIGINT, until cancelled."""
-    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGHUP, *STOP_SIGNALS) as signals:
+        if _outside_trio:
+            log.info("signal received", signal=signal.Signals(_outside_trio[0]).name)
+            daemon.stop()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 await daemon.reload()

@@ -121,6 +121,19 @@ async def test_sigterm_with_watchers_ends_streams_and_exits_0(tmp_path: Path) ->
             await conn.aclose()
 
 
+async def test_repeated_sigterm_while_stopping_still_exits_0(tmp_path: Path) -> None:
+    # systemd, a supervisor or an impatient admin may signal again while imdsd stops: a
+    # SIGTERM after trio stopped listening, or during Python's finalization (which resets
+    # Python-level handlers), killed the daemon with -15 instead of a clean exit 0
+    async with emulator() as emu, daemon(write_config(tmp_path, emu.endpoint)) as proc:
+        await proc.wait_ready()
+        with trio.fail_after(20):
+            while proc.process.returncode is None:
+                proc.signal(signal.SIGTERM)
+                await trio.sleep(0.002)
+        assert await proc.stop() == 0
+
+
 async def test_restart_reports_offline_changes_once(tmp_path: Path) -> None:
     async with emulator() as emu:
         config = write_config(tmp_path, emu.endpoint)
