@@ -135,7 +135,7 @@ async def running(
     async with emulator() as emu, trio.open_nursery() as nursery:
         config = daemon_config(tmp, emu.endpoint, instance=instance, rate=rate)
         daemon = Daemon(config, None)
-        daemon.client._rng = random.Random(seed)
+        daemon.client.reseed(random.Random(seed))
         stopped = trio.Event()
 
         async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

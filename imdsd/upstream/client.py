@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -100,6 +101,10 @@ class ImdsClient:
         self._retrier = Retrier(
             self._sender, self._negotiator, rng if rng is not None else random.Random()
         )
+
+    def reseed(self, rng: Random) -> None:
+        """Draw retry jitter from ``rng`` from now on (tests make it reproducible)."""
+        self._retrier = dataclasses.replace(self._retrier, rng=rng)
 
     # ------------------------------------------------------------------ raw requests
 
