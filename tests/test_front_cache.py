@@ -24,7 +24,7 @@ from imdsd.api.access import AccessPolicy, Peer
 from imdsd.api.context import Freshness
 from imdsd.config import load_config
 from imdsd.daemon import Daemon
-from imdsd.front.cache import Answer, CacheAnswers, redact_forwarded
+from imdsd.front.cache import Answer, CacheAnswers, instance_access, redact_forwarded
 from imdsd.front.rules import Endpoint, Routed
 from imdsd.upstream.versions import GENERAL_VERSIONS
 
@@ -200,6 +200,17 @@ def test_restricted_paths_match_in_any_case() -> None:
         POLICY, get(Endpoint.INSTANCE, "2099-01-01", "COMPUTE"), AGENT, whole
     )
     assert decode(redacted.body) == {"vmId": "v"}
+
+
+def test_restricted_paths_match_without_segment_parameters() -> None:
+    # should IMDS drop ;parameters from a segment as some servers do, they must not help
+    for segments in (
+        ("compute", "userData;x"),
+        ("compute;a", "userData"),
+        ("COMPUTE;", "USERDATA"),
+    ):
+        assert instance_access(POLICY, segments, AGENT) == "deny"
+    assert instance_access(POLICY, ("compute", "vmId;x"), AGENT) == "allow"
 
 
 def test_lasting_refusals_are_remembered_while_they_hold() -> None:

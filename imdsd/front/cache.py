@@ -278,17 +278,18 @@ def _folded(restricted: tuple[str, ...]) -> AccessPolicy:
 
 
 def instance_access(policy: AccessPolicy, segments: Sequence[str], peer: Peer | None) -> Access:
-    """``policy``'s verdict on an instance read, also matching the path case-insensitively.
+    """``policy``'s verdict on an instance read, also matching the path loosely.
 
-    The front forwards some reads to IMDS; should IMDS match keys without regard to case,
-    ``compute/USERDATA`` must not get past a restriction of ``compute/userData``.
+    The front forwards some reads to IMDS; should IMDS match keys without regard to case, or
+    drop ``;parameters`` from a segment as some servers do, ``compute/USERDATA`` and
+    ``compute/userData;x`` must not get past a restriction of ``compute/userData``.
     """
     level = policy.level(peer)
     exact = policy.instance_access(segments, level)
     if exact == "deny" or level == "full":
         return exact
     loose = _folded(tuple("/".join(path) for path in policy.restricted)).instance_access(
-        [segment.lower() for segment in segments], "redacted"
+        [segment.partition(";")[0].lower() for segment in segments], "redacted"
     )
     return max(exact, loose, key=_STRICTNESS.__getitem__)
 
