@@ -242,21 +242,29 @@ async def test_no_spelling_of_a_restricted_path_gets_past_the_access_check(tmp_p
 
 
 HOLDER = """
-import json, socket, sys
-port, count = int(sys.argv[1]), int(sys.argv[2])
+import json, selectors, socket, sys, time
+port, count, kept = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
 print("ready", flush=True)
 sys.stdin.readline()
 answers = {}
-for conn in held:
-    conn.setblocking(False)
-    try:
-        data = conn.recv(4096)
-    except BlockingIOError:
-        data = b"open"
+def note(data):
     head, _, body = data.partition(b"\\r\\n\\r\\n")
     key = json.dumps([head.split(b"\\r\\n")[0].decode(), body.decode()])
     answers[key] = answers.get(key, 0) + 1
+# wait (20 s at most) until all but `kept` have been answered: a refusal written just after
+# the last accept must not be read as a connection kept open
+selector = selectors.DefaultSelector()
+for conn in held:
+    conn.setblocking(False)
+    selector.register(conn, selectors.EVENT_READ)
+deadline = time.monotonic() + 20
+while len(selector.get_map()) > kept and time.monotonic() < deadline:
+    for key, _ in selector.select(timeout=0.5):
+        selector.unregister(key.fileobj)
+        note(key.fileobj.recv(4096))
+for _ in range(len(selector.get_map())):
+    note(b"open")
 print(json.dumps(answers), flush=True)
 """
 
@@ -271,7 +279,7 @@ async def test_one_user_holding_connections_does_not_cut_the_others_off(tmp_path
         assert daemon.front is not None
         port = front_port(daemon)
         process = await trio.lowlevel.open_process(
-            [SYSTEM_PYTHON, "-c", HOLDER, str(port), str(count)],
+            [SYSTEM_PYTHON, "-c", HOLDER, str(port), str(count), "256"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             user=65534,
